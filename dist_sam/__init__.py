@@ -1,0 +1,23 @@
+"""dist-sam: Sharpness-Aware Minimization for data-parallel training.
+
+The ascent pass runs device-locally, before the gradient all-reduce (m = per-device batch), so a
+SAM step costs one all-reduce, as SGD. See ``README.md`` and ``../shared/docs/SPEC.md``.
+"""
+
+from .bn import frozen_running_stats
+from .optim import ASAM, SAM, USAM, create_optimizer, list_optimizers
+from .step import ASCENT_MODES, sam_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "USAM",
+    "ASAM",
+    "create_optimizer",
+    "list_optimizers",
+    "sam_step",
+    "ASCENT_MODES",
+    "frozen_running_stats",
+    "__version__",
+]

@@ -1,0 +1,62 @@
+"""Collectives that are no-ops in a single process and fail loudly when a group is missing."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .env import discover
+
+__all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "barrier"]
+
+
+def _initialized() -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if discover().world_size > 1:
+        raise RuntimeError(
+            "the launcher started several processes but torch.distributed is not initialized; "
+            "call dist_sam.distributed.init_distributed() first"
+        )
+    return False
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without one)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def rank() -> int:
+    """Global rank (0 without a group)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def is_primary() -> bool:
+    """True on rank 0: the process that logs and saves."""
+    return rank() == 0
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum ``tensors`` in place across ranks, through one flat buffer (one collective call)."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    torch._foreach_copy_(list(tensors), [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average ``tensors`` in place across ranks (one collective call)."""
+    n = world_size()
+    if n == 1 or not tensors:
+        return
+    all_reduce_sum_(tensors)
+    torch._foreach_div_(list(tensors), float(n))
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,83 @@
+"""Perturbation rules of the SAM family (SPEC.md §1), as pure functions.
+
+Each rule maps the ascent gradient ``g`` (and, for ASAM, the weights ``w``) to the perturbation
+``e`` that is added to ``w`` before the descent pass. Nothing here touches parameters in place,
+talks to other processes, or knows about optimizers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["EPS_NORM", "global_norm", "perturbation"]
+
+#: Floor added to a norm before dividing by it (SPEC.md notation ``eps_norm``).
+EPS_NORM = 1e-12
+
+PerParam = Union[float, Sequence[float]]
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of all ``tensors`` taken together, in float32 or wider.
+
+    Args:
+        tensors: tensors of any shape and floating dtype.
+
+    Returns:
+        A 0-dim tensor of dtype ``float32`` (``float64`` if any input is ``float64``) on the device
+        of the first tensor.
+    """
+    if not tensors:
+        return torch.zeros(())
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    device = tensors[0].device
+    norms = [torch.linalg.vector_norm(t, dtype=dtype).to(device) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _per_param(value: PerParam, n: int) -> list[float]:
+    return [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+
+
+def perturbation(
+    grads: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    rho: PerParam,
+    adaptive: bool = False,
+    eta: PerParam = 0.0,
+    normalize: bool = True,
+) -> list[torch.Tensor]:
+    """The ascent step ``e`` for every parameter.
+
+    * SAM:  ``e = rho * g / (||g|| + eps)``
+    * USAM: ``e = rho * g``                                     (``normalize=False``)
+    * ASAM: ``T = |w| + eta``; ``e = rho * T² ⊙ g / (||T ⊙ g|| + eps)``  (``adaptive=True``)
+
+    The norm is one global norm over all ``grads`` together, taken in float32 or wider.
+
+    Args:
+        grads: ascent gradients ``g``, one per parameter.
+        params: the current (unperturbed) weights ``w``, aligned with ``grads``.
+        rho: perturbation radius, one for all or one per parameter (param groups may differ).
+        adaptive: use ASAM's elementwise scale ``T``.
+        eta: ASAM's offset in ``T = |w| + eta``, one for all or one per parameter.
+        normalize: divide by the (scaled) global gradient norm; ``False`` gives USAM.
+
+    Returns:
+        One tensor per parameter, in the parameter's dtype.
+    """
+    n = len(grads)
+    rhos = _per_param(rho, n)
+    if adaptive:
+        scale = [p.detach().abs().add(t) for p, t in zip(params, _per_param(eta, n))]  # T = |w| + eta
+        scaled = [t * g for t, g in zip(scale, grads)]  # T ⊙ g
+        direction = [t * s for t, s in zip(scale, scaled)]  # T² ⊙ g
+    else:
+        scaled, direction = list(grads), list(grads)
+    if not normalize:
+        return [(r * d).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
+    inv_norm = 1.0 / (global_norm(scaled) + EPS_NORM)  # float32 or wider
+    return [(d.to(inv_norm.dtype) * (r * inv_norm.to(d.device))).to(p.dtype) for r, d, p in zip(rhos, direction, params)]

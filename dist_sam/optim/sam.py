@@ -1,0 +1,262 @@
+"""The SAM optimizer wrapper (Foret et al. 2021) and its USAM and ASAM variants.
+
+``SAM`` wraps any ``torch.optim.Optimizer`` and shares its ``param_groups``, so LR schedulers,
+gradient scalers and checkpointing treat it like the base optimizer. The two-pass protocol is::
+
+    loss_fn(model(x), y).mean().backward()   # ascent gradient g at w
+    opt.first_step(zero_grad=True)           # w <- w + e(g), exact copy of w kept aside
+    loss_fn(model(x), y).mean().backward()   # descent gradient h at w + e
+    opt.second_step(zero_grad=True)          # w <- copy; base.step() with h
+
+or ``opt.step(closure)`` with a closure doing forward and backward. Data-parallel training, m-SAM
+and mixed precision go through :func:`dist_sam.sam_step`, which drives the same object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .rules import perturbation
+
+__all__ = ["SAM", "USAM", "ASAM"]
+
+_SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around a base optimizer.
+
+    Args:
+        params: the parameters (or param-group dicts) to optimize. When ``base_optimizer`` is an
+            instance, pass its parameters or ``None``.
+        base_optimizer: an optimizer class (built on SAM's param groups with ``base_kwargs``) or an
+            optimizer instance (whose param groups SAM adopts).
+        rho: perturbation radius, ``>= 0``. ``rho = 0`` reproduces the base optimizer exactly.
+        adaptive: ASAM's elementwise scaling ``T = |w| + eta``.
+        eta: ASAM's offset, ``>= 0``.
+        normalize: divide the ascent gradient by its global norm (``False`` gives USAM).
+        interval: take a SAM step every ``interval`` steps and plain base steps in between.
+        **base_kwargs: forwarded to ``base_optimizer`` when it is a class (``lr``, ``momentum``...).
+
+    The exact copy of ``w`` used for the restore is a private buffer: it never appears in
+    ``state_dict()``, which holds the base optimizer's state plus SAM's step counter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | None,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        normalize: bool = True,
+        interval: int = 1,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_nonneg("rho", rho)
+        _check_nonneg("eta", eta)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), normalize=bool(normalize))
+
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(
+                    f"base_kwargs {sorted(base_kwargs)} are only accepted with an optimizer class; "
+                    "base_optimizer is already an instance"
+                )
+            own = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if params is not None:
+                given = list(params)
+                flat = [p for g in given for p in (g["params"] if isinstance(g, dict) else [g])]
+                if {id(p) for p in flat} != own:
+                    raise ValueError("params must be the base_optimizer instance's parameters (or None)")
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        elif inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError("params is None; it may be None only when base_optimizer is an instance")
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise ValueError(
+                f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}"
+            )
+        self._share_groups()
+        self.interval = interval
+        self.num_steps = 0  # optimizer steps taken (SAM or plain); drives `interval`
+        self._backup: list[torch.Tensor] | None = None  # exact copy of w while perturbed
+        self._perturbed = False
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _share_groups(self) -> None:
+        """Make SAM and the base optimizer one set of param-group dicts (schedulers see both)."""
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            for key in _SAM_KEYS:
+                group.setdefault(key, self.defaults[key])
+        self.defaults.update({k: v for k, v in self.base_optimizer.defaults.items() if k not in _SAM_KEYS})
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """Every trainable parameter, in param-group order."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def should_perturb(self) -> bool:
+        """Whether the coming step is a SAM step (``num_steps % interval == 0``)."""
+        return self.num_steps % self.interval == 0
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between :meth:`perturb` and :meth:`restore`."""
+        return self._perturbed
+
+    # -- the SAM primitives ------------------------------------------------------------------
+    @torch.no_grad()
+    def perturb(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """``w <- w + e(g)`` for the ascent gradients ``grads`` (aligned with :attr:`params`).
+
+        Keeps an exact copy of ``w`` (allocated once, reused) for :meth:`restore`. A ``None``
+        gradient leaves its parameter where it is.
+        """
+        if self._perturbed:
+            raise RuntimeError("perturb() called twice without restore()")
+        params = self.params
+        if len(grads) != len(params):
+            raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
+        if self._backup is None or len(self._backup) != len(params):
+            self._backup = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._backup, [p.detach() for p in params])
+        self._perturbed = True
+        live = [(p, g, group) for p, g, group in zip(params, grads, self._group_of_params()) if g is not None]
+        if live and any(group["rho"] != 0 for _, _, group in live):
+            ps, gs, groups = (list(x) for x in zip(*live))
+            torch._foreach_add_(ps, self.compute_perturbation(gs, ps, groups))
+
+    def compute_perturbation(
+        self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict]
+    ) -> list[torch.Tensor]:
+        """The rule of this variant (SPEC.md §1), one global norm across all param groups.
+
+        ``rho`` and ``eta`` may differ per param group (a rho schedule works like an LR
+        schedule); ``adaptive`` and ``normalize`` are optimizer-wide.
+        """
+        return perturbation(
+            grads,
+            params,
+            rho=[g["rho"] for g in groups],
+            eta=[g["eta"] for g in groups],
+            adaptive=self.defaults["adaptive"],
+            normalize=self.defaults["normalize"],
+        )
+
+    def _group_of_params(self) -> list[dict]:
+        return [g for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """``w <- copy``: undo :meth:`perturb` exactly (never by subtracting ``e``)."""
+        if self._perturbed:
+            torch._foreach_copy_(self.params, self._backup)
+            self._perturbed = False
+
+    # -- the widely copied two-step API ------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb with the gradients now in ``.grad`` (the ascent gradient)."""
+        self.perturb([p.grad for p in self.params])
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` and step the base optimizer with the descent gradient in ``.grad``."""
+        self.restore()
+        self.base_optimizer.step()
+        self.num_steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step.
+
+        With a ``closure`` (forward + backward, returning the loss) this is a whole SAM step: the
+        closure runs at ``w`` and at ``w + e``, and the loss at ``w`` is returned. Steps that
+        ``interval`` makes plain run the closure once.
+
+        Without a closure it finishes a step whose descent gradient is already in ``.grad``:
+        restore ``w`` if perturbed, then step the base optimizer. This is what
+        :func:`dist_sam.sam_step` and ``GradScaler.step`` call.
+        """
+        if closure is None:
+            self.second_step()
+            return None
+        closure = torch.enable_grad()(closure)
+        if not self.should_perturb():
+            self.zero_grad()
+            loss = closure()
+            self.second_step()
+            return loss
+        self.zero_grad()
+        loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            closure()
+        finally:
+            self.restore()
+        self.second_step()
+        return loss
+
+    # -- hooks used by sam_step; RW-SAM overrides them ----------------------------------------
+    def ascent_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Context entered around the ascent forward (RW-SAM uses it to capture features)."""
+        return contextlib.nullcontext()
+
+    def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
+        """The ascent objective from per-sample losses ``f_i(w)``: their mean for SAM."""
+        return losses.mean()
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus ``{"sam": {"num_steps": ...}}``; no weight copy."""
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {"num_steps": self.num_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved (a plain base-optimizer state dict works too)."""
+        if self._perturbed:
+            raise RuntimeError("cannot load a state dict while the weights are perturbed")
+        state_dict = dict(state_dict)
+        sam_state = state_dict.pop("sam", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_groups()  # the base rebuilt its group dicts: share them again
+        self.num_steps = int(sam_state.get("num_steps", 0))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={self.base_optimizer!r}, interval={self.interval})"
+
+
+class USAM(SAM):
+    """Unnormalized SAM: ``e = rho * g`` (``normalize=False``)."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, **kwargs: Any) -> None:
+        kwargs.setdefault("normalize", False)
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al. 2021): ``e = rho * T² g / ||T g||`` with ``T = |w| + eta``."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
+        kwargs.setdefault("adaptive", True)
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)

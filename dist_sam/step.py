@@ -1,0 +1,251 @@
+"""``sam_step``: one SAM step of a (possibly DDP-wrapped) model, the one obvious path.
+
+ascent (device-local by default) -> perturb -> descent (synchronized) -> restore -> base step.
+
+Ascent modes (SPEC.md §2), with ``n`` workers of per-worker batch ``b``:
+
+============  ===========================================  ========  ===================
+``ascent``    perturbation from                            ``m``     gradient all-reduces
+============  ===========================================  ========  ===================
+``local``     the worker's own batch, no communication     ``b``     1 (as SGD)
+``micro``     each micro-batch of ``micro_batch_size``     ``m``     1
+``global``    the all-reduced gradient of the global batch ``n*b``   2
+``full``      the mean gradient over ``ascent_data``       ``N``     many (benchmarks)
+============  ===========================================  ========  ===================
+
+With ``accumulation_steps=k`` the batch is processed in ``k`` chunks of ``b/k`` samples, each with
+its own ascent: ``m = b/k`` under ``local`` (m-SAM over the chunks), and one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .bn import frozen_running_stats
+from .distributed import collectives
+from .distributed.ddp import check_model, no_grad_sync, unwrap
+from .optim.rules import global_norm
+from .optim.sam import SAM
+
+__all__ = ["sam_step", "ASCENT_MODES", "full_gradient"]
+
+ASCENT_MODES = ("local", "micro", "global", "full")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data) -> int:
+    """Check every argument before any forward runs; return the number of ascent groups."""
+    if not isinstance(optimizer, SAM):
+        raise ValueError(f"optimizer must be a dist_sam.SAM (or subclass), got {type(optimizer).__name__}")
+    if ascent not in ASCENT_MODES:
+        raise ValueError(f"ascent must be one of {ASCENT_MODES}, got {ascent!r}")
+    b = inputs.shape[0]
+    if targets.shape[0] != b:
+        raise ValueError(f"targets has {targets.shape[0]} samples but inputs has {b}")
+    k = _positive_int("accumulation_steps", accumulation_steps)
+    if b % k:
+        raise ValueError(f"accumulation_steps={k} does not divide the batch size {b}")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+    if ascent == "full" and ascent_data is None:
+        raise ValueError("ascent='full' needs ascent_data (an iterable of (inputs, targets) batches)")
+    if ascent != "micro":
+        if micro_batch_size is not None:
+            warnings.warn(f"micro_batch_size={micro_batch_size} is ignored with ascent={ascent!r}", stacklevel=3)
+        return k
+    m = _positive_int("micro_batch_size", micro_batch_size)
+    if (b // k) % m:
+        raise ValueError(
+            f"micro_batch_size={m} does not divide the per-worker batch {b // k} "
+            f"(batch {b}, accumulation_steps {k}); pick a divisor of it"
+        )
+    return b // m
+
+
+def _per_sample(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    losses = loss_fn(outputs, targets)
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return per-sample losses of shape ({n},) (use reduction='none'), got {shape}"
+        )
+    return losses
+
+
+def _swap_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Set ``p.grad = grads[i]`` and return what was there (pointer swaps, no copies)."""
+    old = [p.grad for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return old
+
+
+@torch.no_grad()
+def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor], autocast=contextlib.nullcontext) -> list[torch.Tensor]:
+    """Mean gradient of the per-sample loss over every sample of ``data``, across all ranks (n-SAM).
+
+    Runs on the unwrapped module with BatchNorm running statistics frozen; one all-reduce of the
+    summed gradients and the sample count at the end.
+    """
+    module = unwrap(model)
+    total = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for p in params]
+    count = torch.zeros((), dtype=total[0].dtype, device=total[0].device)
+    with frozen_running_stats(module):
+        for x, y in data:
+            with torch.enable_grad(), autocast():
+                losses = _per_sample(loss_fn, module(x), y, x.shape[0])
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g)
+            count += x.shape[0]
+    collectives.all_reduce_sum_(total + [count])
+    return [(t / count).to(p.dtype) for t, p in zip(total, params)]
+
+
+def sam_step(
+    model: nn.Module,
+    optimizer: SAM,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ascent: str = "local",
+    micro_batch_size: int | None = None,
+    clip_grad_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accumulation_steps: int = 1,
+    ascent_data: Iterable | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    freeze_bn: bool = True,
+) -> torch.Tensor:
+    """Run one full SAM step and return the mean loss at ``w`` (detached, no host sync).
+
+    Args:
+        model: the model, plain or ``DistributedDataParallel``-wrapped.
+        optimizer: a :class:`dist_sam.SAM` (any variant, RW-SAM included).
+        loss_fn: ``loss_fn(outputs, targets)`` returning **per-sample** losses of shape ``(b,)``,
+            e.g. ``nn.CrossEntropyLoss(reduction="none")``; RW-SAM weights them.
+        inputs: this worker's batch, ``b`` samples along dim 0.
+        targets: its targets.
+        ascent: ``local`` | ``micro`` | ``global`` | ``full`` (module docstring).
+        micro_batch_size: ``m`` for ``ascent="micro"``; must divide ``b / accumulation_steps``.
+        clip_grad_norm: clip the averaged descent gradient (after the all-reduce) to this norm.
+        scaler: a ``torch.amp.GradScaler`` for fp16. A non-finite gradient in either pass skips
+            the step on every rank together; the scaler updates once per step.
+        accumulation_steps: process the batch in this many chunks, each with its own ascent.
+        ascent_data: the dataset/loader whose mean gradient perturbs in ``full`` mode.
+        autocast_dtype: run the forwards under ``torch.autocast`` with this dtype (e.g. bf16).
+        freeze_bn: keep BatchNorm running statistics as the ascent forward left them.
+
+    Returns:
+        The mean per-sample loss at the unperturbed weights ``w``.
+    """
+    num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
+    check_model(model)
+    params = optimizer.params
+    device_type = inputs.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    scale = scaler.scale if scaler is not None else (lambda t: t)
+    optimizer.zero_grad(set_to_none=True)
+
+    if not optimizer.should_perturb():
+        loss = _plain_pass(model, loss_fn, inputs, targets, accumulation_steps, autocast, scale)
+    else:
+        loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
+                           params, autocast, scale, scaler, freeze_bn)
+    _finish(optimizer, params, clip_grad_norm, scaler)
+    return loss
+
+
+def _plain_pass(model, loss_fn, inputs, targets, k, autocast, scale) -> torch.Tensor:
+    """A base-optimizer step (``interval`` skips SAM): ``k`` chunks, one all-reduce."""
+    losses = []
+    for j, (x, y) in enumerate(zip(inputs.chunk(k), targets.chunk(k))):
+        with no_grad_sync(model, enabled=j < k - 1):
+            with autocast():
+                chunk = _per_sample(loss_fn, model(x), y, x.shape[0])
+            scale(chunk.mean() / k).backward()
+        losses.append(chunk.detach())
+    return torch.cat(losses).float().mean()
+
+
+def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_data, params, autocast, scale, scaler, freeze_bn):
+    """Ascent and descent over ``c`` groups; the descent gradient ends up in ``.grad``."""
+    inv_scale = 1.0 / scale(torch.ones((), device=inputs.device)) if scaler is not None else None
+    g_full = full_gradient(model, loss_fn, ascent_data, params, autocast) if ascent == "full" else None
+    context = dict(model=model, module=unwrap(model), loss_fn=loss_fn, rank=collectives.rank(),
+                   step=optimizer.num_steps, autocast=autocast)
+    losses_at_w = []
+    for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):
+        if g_full is None:
+            g, losses = _ascent(model, optimizer, loss_fn, x, y, params, ascent == "global", autocast, scale,
+                                dict(context, inputs=x, targets=y, group=j))
+        else:
+            g = g_full
+            with torch.no_grad(), no_grad_sync(model), autocast():  # the step's forward at w updates BN stats
+                losses = _per_sample(loss_fn, model(x), y, x.shape[0])
+        if inv_scale is not None:
+            g = [None if t is None else t * inv_scale for t in g]  # unscale before the norm
+        losses_at_w.append(losses.detach())
+        # A non-finite ascent gradient poisons this rank's descent loss; the all-reduce then
+        # carries the NaN to every rank, so all of them skip the step together.
+        poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, float("nan"))
+        optimizer.perturb(g)
+        try:
+            with no_grad_sync(model, enabled=j < c - 1), frozen_running_stats(model, freeze_bn):
+                with autocast():
+                    descent = _per_sample(loss_fn, model(x), y, x.shape[0]).mean() / c
+                scale(descent * poison.to(descent.device)).backward()
+        finally:
+            optimizer.restore()
+    return torch.cat(losses_at_w).float().mean()
+
+
+def _ascent(model, optimizer, loss_fn, x, y, params, sync, autocast, scale, context):
+    """Ascent gradient at ``w`` on ``x`` (synchronized only when ``sync``), kept out of ``.grad``."""
+    stash = _swap_grads(params, [None] * len(params))  # descent gradients accumulated so far
+    with no_grad_sync(model, enabled=not sync), optimizer.ascent_context(model):
+        with autocast():
+            outputs = model(x)
+            losses = _per_sample(loss_fn, outputs, y, x.shape[0])
+            objective = optimizer.ascent_loss(losses, outputs=outputs, **context)
+        scale(objective).backward()
+    grads = _swap_grads(params, stash)
+    return grads, losses
+
+
+def _finish(optimizer: SAM, params, clip_grad_norm, scaler) -> None:
+    """Clip the averaged descent gradient, skip non-finite steps, step the base optimizer."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        before = optimizer.num_steps
+        scaler.step(optimizer)  # skips (on every rank: the gradients are all-reduced) on inf/NaN
+        scaler.update()
+        if optimizer.num_steps == before:  # skipped: keep counting steps for `interval` and seeds
+            optimizer.num_steps += 1
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        if clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        else:
+            norm = global_norm(grads)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:
+            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=3)
+            optimizer.num_steps += 1
+    optimizer.zero_grad(set_to_none=True)

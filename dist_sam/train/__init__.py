@@ -1,0 +1,1 @@
+"""Training loop, demo and entry points built on :func:`dist_sam.sam_step`."""
