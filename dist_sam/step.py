@@ -91,25 +91,25 @@ def _swap_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) ->
     return old
 
 
-@torch.no_grad()
-def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor], autocast=contextlib.nullcontext) -> list[torch.Tensor]:
+def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor],
+                  autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Mean gradient of the per-sample loss over every sample of ``data``, across all ranks (n-SAM).
 
     Runs on the unwrapped module with BatchNorm running statistics frozen; one all-reduce of the
     summed gradients and the sample count at the end.
     """
     module = unwrap(model)
-    total = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for p in params]
-    count = torch.zeros((), dtype=total[0].dtype, device=total[0].device)
+    wide = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    total = [torch.zeros_like(p, dtype=wide) for p in params]
+    count = torch.zeros((), dtype=wide, device=params[0].device)
     with frozen_running_stats(module):
         for x, y in data:
-            with torch.enable_grad(), autocast():
+            with autocast():
                 losses = _per_sample(loss_fn, module(x), y, x.shape[0])
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            for t, g in zip(total, grads):
-                if g is not None:
-                    t.add_(g)
-            count += x.shape[0]
+            with torch.no_grad():
+                torch._foreach_add_(total, [torch.zeros_like(t) if g is None else g.to(wide) for t, g in zip(total, grads)])
+                count += x.shape[0]
     collectives.all_reduce_sum_(total + [count])
     return [(t / count).to(p.dtype) for t, p in zip(total, params)]
 

@@ -10,6 +10,7 @@ fails the call with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -31,7 +32,9 @@ def _entry(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        buffer = io.BytesIO()  # plain bytes: tensors shared by fd would die with this process
+        torch.save(fn(rank, world_size, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -52,7 +55,8 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
-            results[rank] = value
+            else:
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -81,7 +81,9 @@ class CommCounter:
         self.calls, self.bytes = 0, 0
 
 
-def _counting_allreduce_hook(counter: CommCounter, bucket: torch.distributed.GradBucket) -> torch.futures.Future:
+def _counting_allreduce_hook(counter, bucket):
+    # No annotations: DDP inspects them, and this module's postponed (string) annotations
+    # would not compare equal to dist.GradBucket.
     buffer = bucket.buffer()
     counter.calls += 1
     counter.bytes += buffer.numel() * buffer.element_size()
