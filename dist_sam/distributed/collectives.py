@@ -18,7 +18,7 @@ def _initialized() -> bool:
     if discover().world_size > 1:
         raise RuntimeError(
             "the launcher started several processes but torch.distributed is not initialized; "
-            "call dist_sam.distributed.init_distributed() first"
+            "initialize it first (torch.distributed.init_process_group, or launch/train.py does it)"
         )
     return False
 
@@ -39,12 +39,17 @@ def is_primary() -> bool:
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` in place across ranks, through one flat buffer (one collective call)."""
+    """Sum ``tensors`` in place across ranks: one collective per dtype, through a flat buffer."""
     if world_size() == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    torch._foreach_copy_(list(tensors), [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        for t, v in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(v.view_as(t))
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
