@@ -32,7 +32,7 @@ from .distributed.ddp import check_model, no_grad_sync, unwrap
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
-__all__ = ["sam_step", "ASCENT_MODES", "full_gradient"]
+__all__ = ["sam_step", "ASCENT_MODES", "full_gradient", "per_sample_losses"]
 
 ASCENT_MODES = ("local", "micro", "global", "full")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,7 +73,12 @@ def _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation
     return b // m
 
 
-def _per_sample(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+def per_sample_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``, checked to be one loss per sample (shape ``(n,)``).
+
+    Raises:
+        ValueError: ``loss_fn`` reduced the batch (``reduction="mean"``) or returned another shape.
+    """
     losses = loss_fn(outputs, targets)
     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -105,7 +110,7 @@ def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: lis
     with frozen_running_stats(module):
         for x, y in data:
             with autocast():
-                losses = _per_sample(loss_fn, module(x), y, x.shape[0])
+                losses = per_sample_losses(loss_fn, module(x), y, x.shape[0])
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
             with torch.no_grad():
                 torch._foreach_add_(total, [torch.zeros_like(t) if g is None else g.to(wide) for t, g in zip(total, grads)])
@@ -175,7 +180,7 @@ def _plain_pass(model, loss_fn, inputs, targets, k, autocast, scale) -> torch.Te
     for j, (x, y) in enumerate(zip(inputs.chunk(k), targets.chunk(k))):
         with no_grad_sync(model, enabled=j < k - 1):
             with autocast():
-                chunk = _per_sample(loss_fn, model(x), y, x.shape[0])
+                chunk = per_sample_losses(loss_fn, model(x), y, x.shape[0])
             scale(chunk.mean() / k).backward()
         losses.append(chunk.detach())
     return torch.cat(losses).float().mean()
@@ -195,7 +200,7 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
         else:
             g = g_full
             with torch.no_grad(), no_grad_sync(model), autocast():  # the step's forward at w updates BN stats
-                losses = _per_sample(loss_fn, model(x), y, x.shape[0])
+                losses = per_sample_losses(loss_fn, model(x), y, x.shape[0])
         if inv_scale is not None:
             g = [None if t is None else t * inv_scale for t in g]  # unscale before the norm
         losses_at_w.append(losses.detach())
@@ -206,7 +211,7 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
         try:
             with no_grad_sync(model, enabled=j < c - 1), frozen_running_stats(model, freeze_bn):
                 with autocast():
-                    descent = _per_sample(loss_fn, model(x), y, x.shape[0]).mean() / c
+                    descent = per_sample_losses(loss_fn, model(x), y, x.shape[0]).mean() / c
                 scale(descent * poison.to(descent.device)).backward()
         finally:
             optimizer.restore()
@@ -219,7 +224,7 @@ def _ascent(model, optimizer, loss_fn, x, y, params, sync, autocast, scale, cont
     with no_grad_sync(model, enabled=not sync), optimizer.ascent_context(model):
         with autocast():
             outputs = model(x)
-            losses = _per_sample(loss_fn, outputs, y, x.shape[0])
+            losses = per_sample_losses(loss_fn, outputs, y, x.shape[0])
             objective = optimizer.ascent_loss(losses, outputs=outputs, **context)
         scale(objective).backward()
     grads = _swap_grads(params, stash)

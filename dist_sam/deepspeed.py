@@ -1,0 +1,303 @@
+"""SAM and RW-SAM under DeepSpeed ZeRO 0, 1 and 2: add a ``sam`` section to the JSON you have.
+
+    engine, optimizer, loader, scheduler = dist_sam.deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        config="ds_config.json", loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    for x, y in batches:                  # one micro-batch per call
+        loss = engine.train_step((x, y))  # SAM step; DeepSpeed steps at accumulation boundaries
+    engine.save_checkpoint("ckpt")        # SAM's step counter (and RW-SAM's mu) ride along
+
+``{"sam": {"variant": "rwsam", "rho": 0.05, "ascent": "local", "lam": 0.5}}`` accepts the keys and
+values of :class:`dist_sam.config.SamConfig`. DeepSpeed refuses ``no_sync()`` under ZeRO-2 (and
+under ZeRO-1 with ``overlap_comm``), so the local ascent never goes through the engine:
+
+1. ascent gradient ``g = torch.autograd.grad(loss(engine.module(x)), params)``: it is returned,
+   never accumulated into ``.grad``, so ZeRO's gradient hooks (which reduce) never fire;
+2. ``w <- w + e(g)`` on the module's own parameters (bf16 under bf16), an exact copy kept;
+3. ``engine(x)`` and ``engine.backward(loss)``: the only gradient reduction, as in SGD;
+4. restore ``w`` from the copy; 5. ``engine.step()`` (clipping applies to the descent gradient).
+
+DeepSpeed owns the real (base) optimizer; a SAM-family object built on the module's parameters
+with a never-stepped ``SGD(lr=0)`` base supplies ``perturb``/``restore`` and RW-SAM's
+``ascent_loss``. ZeRO-3 (it partitions the parameters themselves) and fp16 are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .bn import frozen_running_stats
+from .config import SamConfig
+from .distributed import collectives
+from .optim.rules import global_norm
+from .step import per_sample_losses
+
+__all__ = ["initialize", "SAMEngine", "load_config", "check_config"]
+
+CLIENT_STATE_KEY = "dist_sam"
+_FP16_NAMES = ("torch.float16", "fp16", "float16", "half")
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError("dist_sam.deepspeed needs DeepSpeed: pip install 'dist-sam[deepspeed]'") from err
+    return deepspeed
+
+
+def load_config(config: dict | str | os.PathLike | None, args: Any = None) -> dict:
+    """The DeepSpeed config as a dict: ``config`` (a dict or a JSON path) or ``args.deepspeed_config``."""
+    if config is None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config=<dict or JSON path> or args.deepspeed_config")
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as fh:
+            config = json.load(fh)
+    if not isinstance(config, dict):
+        raise ValueError(f"the DeepSpeed config must be a dict or a JSON path, got {type(config).__name__}")
+    return config
+
+
+def _enabled(section: Any) -> bool:
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
+def check_config(config: dict, world_size: int | None = None) -> SamConfig:
+    """Validate ``config["sam"]`` and the DeepSpeed settings SAM depends on; return the SamConfig.
+
+    Everything is checked before any engine is built. ``micro_batch_size`` is checked against
+    ``train_micro_batch_size_per_gpu`` when the config gives it (or lets it be derived).
+
+    Raises:
+        ValueError: naming the field: a bad ``sam`` section, ZeRO-3, fp16, ``ascent="full"``.
+    """
+    if "sam" not in config:
+        raise ValueError('the DeepSpeed config has no "sam" section; add one, e.g. "sam": {"variant": "sam", '
+                         '"rho": 0.05} (or use deepspeed.initialize for plain training)')
+    sam = SamConfig.from_dict(config["sam"])
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(
+            f"zero_optimization.stage={stage!r} is not supported with a sam section (accepted: 0, 1, 2): ZeRO-3 "
+            "partitions the parameters themselves, so the local ascent gradient and the in-place perturbation "
+            "would have to gather every parameter on every rank; use ZeRO-2, which shards gradients and states")
+    autocast = config.get("torch_autocast")
+    fp16 = _enabled(config.get("fp16")) or _enabled(config.get("amp")) or (
+        _enabled(autocast) and str(autocast.get("dtype", "")) in _FP16_NAMES)
+    if fp16:
+        raise ValueError(
+            "fp16 (loss-scaled) training is refused with a sam section: DeepSpeed 0.19.8's fp16 loss scaling is "
+            "suspected to mis-scale the update (seen in a CPU simulation of ZeRO-0) and is not yet verified on a "
+            'GPU; use "bf16": {"enabled": true} or fp32')
+    if sam.ascent == "full":
+        raise ValueError("sam.ascent='full' (n-SAM, benchmarks only) is not supported under DeepSpeed; accepted: "
+                         "'local', 'micro', 'global' (use dist_sam.sam_step for 'full')")
+    micro = _micro_batch(config, world_size)
+    if sam.ascent == "micro" and micro is not None:
+        _check_micro(sam, micro)
+    return sam
+
+
+def _micro_batch(config: dict, world_size: int | None) -> int | None:
+    if "train_micro_batch_size_per_gpu" in config:
+        return config["train_micro_batch_size_per_gpu"]
+    gas = config.get("gradient_accumulation_steps")
+    if "train_batch_size" in config and gas and world_size:
+        return config["train_batch_size"] // (gas * world_size)
+    return None
+
+
+def _check_micro(sam: SamConfig, micro: int) -> None:
+    if micro % sam.micro_batch_size:
+        raise ValueError(f"sam.micro_batch_size={sam.micro_batch_size} does not divide the micro-batch "
+                         f"train_micro_batch_size_per_gpu={micro}; pick a divisor of it")
+
+
+def initialize(args: Any = None, model: nn.Module | None = None, *, config: dict | str | os.PathLike | None = None,
+               loss_fn: Callable | None = None, config_params: dict | str | None = None, **kwargs: Any):
+    """``deepspeed.initialize`` that also reads the config's ``sam`` section.
+
+    Args:
+        args: as for ``deepspeed.initialize`` (``args.deepspeed_config`` is read when ``config`` is None).
+        model: the ``nn.Module`` (not a ``PipelineModule``).
+        config: the DeepSpeed config, a dict or a JSON path, with a ``sam`` section; or ``None`` to
+            read ``args.deepspeed_config`` (the ``deepspeed`` launcher's ``--deepspeed_config``).
+        loss_fn: ``loss_fn(outputs, targets)`` returning per-sample losses (``reduction="none"``);
+            default ``nn.CrossEntropyLoss(reduction="none")``.
+        config_params: the deprecated alias of ``config``.
+        **kwargs: the rest of ``deepspeed.initialize`` (``optimizer``, ``model_parameters``,
+            ``lr_scheduler``, ``training_data``, ...). The optimizer is the plain base one (from
+            the config or a client ``torch.optim`` optimizer), never a SAM wrapper.
+
+    Returns:
+        ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed returns them, with
+        ``engine`` a :class:`SAMEngine` around the DeepSpeed engine.
+    """
+    if model is None:
+        raise ValueError("model is required (the nn.Module to train)")
+    cfg = load_config(config if config is not None else config_params, args)
+    sam = check_config(cfg, collectives.world_size() if torch.distributed.is_initialized() else None)
+    deepspeed = _import_deepspeed()
+    if isinstance(model, deepspeed.pipe.PipelineModule):
+        raise ValueError("model: a PipelineModule runs DeepSpeed's own train_batch schedule; SAM supports "
+                         "data-parallel engines only")
+    if kwargs.get("optimizer") is not None and hasattr(kwargs["optimizer"], "perturb"):
+        raise ValueError("optimizer: pass the plain base optimizer; ZeRO swaps a wrapper's parameters for flat "
+                         "partitions and steps it without a closure, so the SAM logic stays in dist-sam")
+    if args is not None and (getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)):
+        args = copy.copy(args)  # the config is passed explicitly below; DeepSpeed refuses both
+        args.deepspeed_config = args.deepscale_config = None
+    ds_config = {k: v for k, v in cfg.items() if k != "sam"}
+    engine, optimizer, loader, scheduler = deepspeed.initialize(args=args, model=model, config=ds_config, **kwargs)
+    if sam.ascent == "micro":
+        _check_micro(sam, engine.train_micro_batch_size_per_gpu())
+    if sam.ascent == "global" and engine.dp_world_size != collectives.world_size():
+        raise ValueError("sam.ascent='global' needs the data-parallel group to be the whole world")
+    return SAMEngine(engine, sam, loss_fn or nn.CrossEntropyLoss(reduction="none")), optimizer, loader, scheduler
+
+
+class SAMEngine:
+    """A DeepSpeed engine that takes SAM steps: :meth:`train_step`; every other attribute is the engine's.
+
+    Attributes:
+        engine: the ``DeepSpeedEngine``.
+        module: the user's module (``engine.module``).
+        sam: the SAM-family object supplying the perturbation (its base optimizer is never stepped).
+        config: the validated :class:`~dist_sam.config.SamConfig`.
+        loss_fn: the per-sample loss.
+    """
+
+    def __init__(self, engine: Any, config: SamConfig, loss_fn: Callable) -> None:
+        self.engine, self.config, self.loss_fn = engine, config, loss_fn
+        self.module = engine.module
+        # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
+        self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
+        self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (copy, unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def _autocast(self):
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        return autocast_if_enabled(self.engine)  # what engine.forward wraps the module in
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: SAM ascent (local) and descent, then ``engine.step()``.
+
+        Args:
+            batch: ``(inputs, targets)``, this rank's micro-batch.
+
+        Returns:
+            The mean per-sample loss at the unperturbed weights (detached, float32).
+        """
+        inputs, targets = batch
+        b = inputs.shape[0]
+        c = 1
+        if self.config.ascent == "micro":
+            if b % self.config.micro_batch_size:
+                raise ValueError(f"sam.micro_batch_size={self.config.micro_batch_size} does not divide this "
+                                 f"micro-batch of {b} samples")
+            c = b // self.config.micro_batch_size
+        if self.sam.should_perturb():
+            loss = self._sam_passes(inputs, targets, c)
+        else:  # `interval` makes this a plain base step
+            loss = per_sample_losses(self.loss_fn, self.engine(inputs), targets, b).mean()
+            self.engine.backward(loss)
+            loss = loss.detach().float()
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self._micro_index += 1
+        if boundary:
+            self.sam.num_steps += 1
+            self._micro_index = 0
+        return loss
+
+    def _sam_passes(self, inputs: torch.Tensor, targets: torch.Tensor, c: int) -> torch.Tensor:
+        """Ascent and descent over ``c`` groups; one ``engine.backward`` (one reduction) at the end."""
+        params = self.sam.params
+        accumulated: list[torch.Tensor | None] = [None] * len(params)  # descent gradients of groups < c-1
+        losses_at_w = []
+        for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):
+            g, losses = self._ascent(x, y, params, group=self._micro_index * c + j)
+            losses_at_w.append(losses)
+            # A non-finite ascent gradient poisons this rank's descent loss; the reduction carries
+            # the NaN to every rank, and DeepSpeed's overflow check (bf16) skips the step on all.
+            poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, math.nan)
+            self.sam.perturb(g)
+            try:
+                with frozen_running_stats(self.module):
+                    if j < c - 1:
+                        self._local_descent(x, y, params, poison, accumulated)
+                    else:
+                        self._engine_descent(x, y, params, poison, accumulated, c)
+            finally:
+                self.sam.restore()
+        return torch.cat(losses_at_w).float().mean()
+
+    def _ascent(self, x, y, params, group: int):
+        """Ascent gradient at ``w``, returned (never in ``.grad``), reduced only under ``global``."""
+        module = self.module
+        context = dict(model=module, module=module, loss_fn=self.loss_fn, rank=collectives.rank(),
+                       step=self.sam.num_steps, autocast=self._autocast, inputs=x, targets=y, group=group)
+        with torch.enable_grad(), self.sam.ascent_context(module):
+            with self._autocast():
+                outputs = module(x)  # not engine(x): the engine's forward arms its backward hooks
+                losses = per_sample_losses(self.loss_fn, outputs, y, x.shape[0])
+                objective = self.sam.ascent_loss(losses, outputs=outputs, **context)
+            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
+        if self.config.ascent == "global":
+            grads = [torch.zeros_like(p) if t is None else t for p, t in zip(params, grads)]
+            collectives.all_reduce_mean_(grads)
+        return grads, losses.detach()
+
+    def _local_descent(self, x, y, params, poison, accumulated) -> None:
+        """An m-SAM group's descent gradient, summed locally (no reduction)."""
+        with torch.enable_grad(), self._autocast():
+            descent = per_sample_losses(self.loss_fn, self.module(x), y, x.shape[0]).mean()
+        h = torch.autograd.grad(descent * poison.to(descent.device), params, allow_unused=True)
+        for i, t in enumerate(h):
+            if t is not None:
+                accumulated[i] = t.float() if accumulated[i] is None else accumulated[i].add_(t)
+
+    def _engine_descent(self, x, y, params, poison, accumulated, c: int) -> None:
+        """The last group's descent through the engine, plus the earlier groups' gradients.
+
+        ``sum(p * a)`` with ``a`` detached has gradient ``a`` whatever ``p`` is, so one
+        ``engine.backward`` hands DeepSpeed ``(1/c) Σ_j h_j`` and reduces it once.
+        """
+        descent = per_sample_losses(self.loss_fn, self.engine(x), y, x.shape[0]).mean()
+        for p, a in zip(params, accumulated):
+            if a is not None:
+                descent = descent + (p * a.to(p.dtype)).sum()
+        self.engine.backward(descent * poison.to(descent.device) / c)
+
+    # -- checkpointing: through the engine, SAM's counters in the client state ---------------------
+    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):
+        """``engine.save_checkpoint`` with SAM's state (step counter, RW-SAM's ``mu``) in the client state."""
+        state = dict(client_state or {})
+        state[CLIENT_STATE_KEY] = self.sam.state_dict()
+        return self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any):
+        """``engine.load_checkpoint``; restores SAM's state and returns ``(path, client_state)``."""
+        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+        if client_state and CLIENT_STATE_KEY in client_state:
+            client_state = dict(client_state)
+            self.sam.load_state_dict(client_state.pop(CLIENT_STATE_KEY))
+            self._micro_index = 0
+        return path, client_state
