@@ -4,8 +4,9 @@ The ascent pass runs device-locally, before the gradient all-reduce (m = per-dev
 SAM step costs one all-reduce, as SGD. See ``README.md`` and ``../shared/docs/SPEC.md``.
 """
 
+from . import diagnostics
 from .bn import frozen_running_stats
-from .optim import ASAM, SAM, USAM, create_optimizer, list_optimizers
+from .optim import ASAM, RWSAM, SAM, USAM, create_optimizer, list_optimizers
 from .step import ASCENT_MODES, sam_step
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "SAM",
     "USAM",
     "ASAM",
+    "RWSAM",
+    "diagnostics",
     "create_optimizer",
     "list_optimizers",
     "sam_step",

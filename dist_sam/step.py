@@ -60,6 +60,9 @@ def _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation
         raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
     if ascent == "full" and ascent_data is None:
         raise ValueError("ascent='full' needs ascent_data (an iterable of (inputs, targets) batches)")
+    if ascent == "full" and type(optimizer).ascent_loss is not SAM.ascent_loss:
+        warnings.warn(f"{type(optimizer).__name__} reweights the ascent loss, which ascent='full' does not use",
+                      stacklevel=3)
     if ascent != "micro":
         if micro_batch_size is not None:
             warnings.warn(f"micro_batch_size={micro_batch_size} is ignored with ascent={ascent!r}", stacklevel=3)

@@ -6,6 +6,7 @@ Nothing here imports ``dist_sam``: the tests compare the library against these.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -101,3 +102,54 @@ def ref_base_step(model, base_opt, grads):
 
 def clone_model(model):
     return copy.deepcopy(model)
+
+
+# -- RW-SAM (SPEC.md §3) and diagnostics (§4) ---------------------------------------------------
+def ref_per_sample_grads(model, loss_fn, x, y, params=None):
+    """``∇f_i(w)`` for every i by a loop of autograd.grad over one batch forward (BN put back)."""
+    params = list(model.parameters()) if params is None else list(params)
+    saved = bn_buffers(model)
+    losses = loss_fn(model(x), y)
+    grads = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(x.shape[0])]
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(saved[k])
+    return [[g.detach().double() for g in gi] for gi in grads]
+
+
+def ref_gibbs_weights(s, lam: float, normalization: str):
+    """SPEC §3 steps 3-4 in float64, term by term: a_i = b * exp(lam z_i) / sum_j exp(lam z_j)."""
+    s = [float(v) for v in s]
+    b = len(s)
+    mean = sum(s) / b
+    if normalization == "zscore":
+        std = (sum((v - mean) ** 2 for v in s) / (b - 1)) ** 0.5
+        z = [(v - mean) / (std + 1e-12) for v in s]
+    elif normalization == "mean":
+        z = [v / (mean + 1e-12) for v in s]
+    else:
+        z = list(s)
+    top = max(lam * v for v in z)
+    e = [math.exp(lam * v - top) for v in z]
+    return torch.tensor([b * v / sum(e) for v in e], dtype=torch.float64)
+
+
+def ref_fd_estimates(model, loss_fn, x, y, directions, mu: float):
+    """SPEC §3 step 2: s_i = sqrt(mean_k ((f_i(w + mu v_k) - f_i(w)) / mu)^2), on a throwaway copy."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        f0 = loss_fn(probe(x), y).double()
+        w = [p.detach().clone() for p in probe.parameters()]
+        total = torch.zeros_like(f0)
+        for v in directions:
+            for p, wi, vi in zip(probe.parameters(), w, v):
+                p.copy_(wi + mu * vi.to(wi.dtype))
+            total += ((loss_fn(probe(x), y).double() - f0) / mu) ** 2
+    return (total / len(directions)).sqrt()
+
+
+def ref_sgn_covariance_trace(per_sample):
+    """SPEC §4: (1/|S|) sum_i ||g_i - mean_j g_j||^2 from a list of per-sample gradient lists."""
+    n = len(per_sample)
+    mean = [sum(g[k] for g in per_sample) / n for k in range(len(per_sample[0]))]
+    return sum(sum(((gk - mk) ** 2).sum() for gk, mk in zip(g, mean)) for g in per_sample).item() / n

@@ -2,12 +2,15 @@
 
 from .registry import BASE_OPTIMIZERS, create_optimizer, list_optimizers, register_optimizer
 from .rules import EPS_NORM, global_norm, perturbation
+from .rwsam import RWSAM, gibbs_weights
 from .sam import ASAM, SAM, USAM
 
 __all__ = [
     "SAM",
     "USAM",
     "ASAM",
+    "RWSAM",
+    "gibbs_weights",
     "create_optimizer",
     "list_optimizers",
     "register_optimizer",

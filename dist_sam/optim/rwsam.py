@@ -1,0 +1,303 @@
+"""RW-SAM (Reweighted SAM), the paper's method (SPEC.md §3).
+
+The ascent loss weights each sample by an estimate ``s_i`` of its gradient norm::
+
+    z = normalize(s)                        # zscore | mean | none
+    p_i = exp(lam·z_i) / Σ_j exp(lam·z_j)   # Gibbs weights, eq. 20 (max-shifted)
+    ascent loss = (1/b) Σ_i b·p_i · f_i(w)  # lam = 0: a_i = 1, exactly SAM
+
+The perturbation rule (SAM, USAM, ASAM), the descent pass and the all-reduce are SAM's. The
+weights are computed on each worker's own batch (each micro-batch under ``ascent="micro"``), from
+a Rademacher direction seeded per (seed, step, rank, micro-batch), with no communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..distributed.collectives import rank as _current_rank
+from ..distributed.ddp import unwrap
+from .calibration import calibrate_mu
+from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
+from .registry import register_optimizer
+from .sam import SAM
+
+__all__ = ["RWSAM", "gibbs_weights", "ESTIMATORS", "NORMALIZATIONS"]
+
+ESTIMATORS = ("fd", "exact", "last_layer")
+NORMALIZATIONS = ("zscore", "mean", "none")
+_EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
+logger = logging.getLogger("dist_sam")
+
+
+def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
+    """RW-SAM's weights ``a_i = b·softmax(lam·z)_i`` (mean 1) from the estimates ``s`` (SPEC.md §3).
+
+    Args:
+        s: per-sample gradient-norm estimates, shape ``(b,)``.
+        lam: the temperature ``lam >= 0``.
+        normalization: ``zscore`` (``(s − mean) / (std + 1e-12)``, Bessel's ``std``), ``mean``
+            (``s / (mean + 1e-12)``) or ``none``.
+
+    Returns:
+        ``a``, shape ``(b,)``, summing to ``b``; float32 (float64 for float64 ``s``).
+    """
+    s = s.detach().double() if s.dtype == torch.float64 else s.detach().float()
+    if normalization == "zscore":
+        z = (s - s.mean()) / (s.std() + _EPS) if s.numel() > 1 else torch.zeros_like(s)
+    elif normalization == "mean":
+        z = s / (s.mean() + _EPS)
+    elif normalization == "none":
+        z = s
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    t = lam * z
+    e = (t - t.max()).exp()  # max-shift: exp never overflows
+    return s.numel() * e / e.sum()
+
+
+def _validate(lam, estimator, mu, num_directions, normalization, last_layer, seed) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if mu != "auto" and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu > 0)):
+        raise ValueError(f"mu must be a finite number > 0 or 'auto', got {mu!r}")
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+        raise ValueError(f"num_directions (K) must be an integer >= 1, got {num_directions!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if last_layer is not None and not isinstance(last_layer, (str, nn.Module)):
+        raise ValueError(f"last_layer must be None, a submodule name or an nn.Module, got {type(last_layer).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if last_layer is not None and estimator != "last_layer":
+        warnings.warn(f"last_layer={last_layer!r} is ignored with estimator={estimator!r}", stacklevel=3)
+
+
+class RWSAM(SAM):
+    """Reweighted SAM: the ascent loss weights samples by their estimated gradient norms.
+
+    Args:
+        params: as for :class:`~dist_sam.optim.sam.SAM`.
+        base_optimizer: as for :class:`~dist_sam.optim.sam.SAM`.
+        rho: perturbation radius.
+        lam: Gibbs temperature ``>= 0`` (0.5 in the paper; ``0`` is exactly SAM, estimator skipped).
+        estimator: ``fd`` (finite difference, one extra forward per direction), ``exact``
+            (``torch.func`` per-sample gradients) or ``last_layer`` (closed form for the final
+            ``nn.Linear`` under cross-entropy, no extra forward).
+        mu: the finite-difference step ``> 0``, or ``"auto"``: chosen on the first ``fd`` step's
+            batch among ``1e-2 … 1e-6`` (:func:`~dist_sam.optim.calibration.calibrate_mu`), logged,
+            and saved in :meth:`state_dict`. Each rank calibrates on its own first batch, without
+            communication; a checkpoint (written by rank 0) carries rank 0's choice.
+        num_directions: ``K >= 1`` Rademacher directions per estimate.
+        normalization: ``zscore``, ``mean`` or ``none`` (see :func:`gibbs_weights`).
+        last_layer: for ``last_layer``: the ``nn.Linear`` (or its name in the unwrapped model)
+            producing the logits; default: the model's last ``nn.Linear``.
+        seed: base seed of the directions, drawn from ``(seed, step, rank, micro-batch)``
+            (:func:`~dist_sam.optim.estimators.direction_seed`); ``v`` covers the optimizer's
+            parameters in the module's ``named_parameters()`` order.
+        **kwargs: SAM's options (``adaptive``, ``eta``, ``normalize``, ``interval``) and the base
+            optimizer's (``lr``, ``momentum``...). ``adaptive=True`` gives RW-ASAM,
+            ``normalize=False`` RW-USAM.
+
+    Use it through :func:`dist_sam.sam_step`, which enters :meth:`ascent_context` around the
+    ascent forward and calls :meth:`ascent_loss` with the context the estimators need. By hand::
+
+        with opt.ascent_context(model):
+            out = model(x)
+        losses = loss_fn(out, y)          # per sample
+        opt.ascent_loss(losses, outputs=out, module=model, loss_fn=loss_fn, inputs=x, targets=y).backward()
+        opt.first_step(zero_grad=True); loss_fn(model(x), y).mean().backward(); opt.second_step(zero_grad=True)
+
+    After each ascent, :attr:`last_estimates` and :attr:`last_weights` hold ``s`` and ``a``.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, *, lam: float = 0.5, estimator: str = "fd",
+                 mu: float | str = "auto", num_directions: int = 1, normalization: str = "zscore",
+                 last_layer: str | nn.Module | None = None, seed: int = 0, **kwargs: Any) -> None:
+        _validate(lam, estimator, mu, num_directions, normalization, last_layer, seed)
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        self.lam, self.estimator, self.normalization = float(lam), estimator, normalization
+        self.num_directions, self.last_layer, self.seed = num_directions, last_layer, seed
+        self.auto_mu = mu == "auto"
+        self.mu: float | None = None if self.auto_mu else float(mu)
+        self.calibration = None  # the MuCalibration of mu="auto", once it ran
+        self.last_estimates: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
+        self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
+        self._layer_checked = False
+
+    # -- hooks called by sam_step --------------------------------------------------------------
+    @contextlib.contextmanager
+    def ascent_context(self, model: nn.Module) -> Iterator[None]:
+        """Around the ascent forward: capture the final layer's input (``last_layer``) or the RNG
+        state (``fd``, ``exact``: the estimator's forwards replay the ascent's dropout masks)."""
+        if self.lam == 0:
+            yield
+            return
+        if self.estimator in ("fd", "exact"):
+            self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
+            yield
+            return
+        layer = self._final_linear(unwrap(model))
+
+        def hook(mod, inputs, output):
+            self._captured = (inputs[0].detach(), output.detach(), mod)
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
+        """``(1/b) Σ_i a_i f_i(w)`` with ``a = gibbs_weights(s, lam, normalization)``.
+
+        Args:
+            losses: per-sample losses ``f_i(w)`` of the ascent forward, shape ``(b,)``.
+            **context: what :func:`dist_sam.sam_step` passes: ``module`` (or ``model``),
+                ``loss_fn``, ``inputs``, ``targets``, ``outputs``, ``rank``, ``step``, ``group``,
+                ``autocast``.
+        """
+        if self.lam == 0:
+            return losses.mean()  # a_i = 1: SAM, bit for bit
+        s = self._estimate(losses, context)
+        a = gibbs_weights(s, self.lam, self.normalization)
+        # A non-finite estimate (an overflowing extra forward) falls back to SAM's a_i = 1 for this
+        # batch, without a host sync; non-finite losses still poison the step as under SAM.
+        a = torch.where(torch.isfinite(a).all(), a, torch.ones_like(a))
+        self.last_estimates, self.last_weights = s, a
+        return (a.detach().to(losses.dtype) * losses).mean()
+
+    # -- estimators ----------------------------------------------------------------------------
+    def _estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
+        if self.estimator == "last_layer":
+            return self._last_layer_estimate(losses, context)
+        rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
+        module, loss_fn, x, y = self._require(context)
+        ids = {id(p) for p in self.params}
+        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+        if self.estimator == "exact":
+            return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
+        step = context.get("step", self.num_steps)
+        rank = context.get("rank", None)
+        seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
+        autocast = context.get("autocast") or contextlib.nullcontext
+        if self.mu is None:
+            self._calibrate(module, loss_fn, x, y, losses, named, seed, autocast, rng_state)
+        return fd_norms(module, loss_fn, x, y, losses, named, self.mu, seed=seed, num_directions=self.num_directions,
+                        autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
+
+    def _workspace(self, named: dict) -> dict | None:
+        """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
+        if self.is_perturbed:
+            return None
+        params = self.params
+        if self._backup is None or len(self._backup) != len(params):
+            self._backup = [torch.empty_like(p) for p in params]
+        index = {id(p): i for i, p in enumerate(params)}
+        return {n: self._backup[index[id(p)]] for n, p in named.items()}
+
+    def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
+        result = calibrate_mu(module, loss_fn, x, y, losses, named, seed=seed, num_directions=self.num_directions,
+                              autocast=autocast, rng_state=rng_state)
+        self.mu, self.calibration = result.mu, result
+        logger.info(
+            "RW-SAM mu='auto': chose mu=%g, median relative error %.3g against the exact same-direction "
+            "estimate (%.3g against the exact norms, K=%d), on a batch of %d; all: %s",
+            result.mu, result.error, result.norm_error, self.num_directions, x.shape[0],
+            {f"{m:g}": round(e, 6) for m, e in result.errors.items()},
+        )
+
+    @staticmethod
+    def _require(context: dict) -> tuple:
+        module = context.get("module")
+        if module is None and context.get("model") is not None:
+            module = unwrap(context["model"])
+        found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
+                     targets=context.get("targets"))
+        missing = [k for k, v in found.items() if v is None]
+        if missing:
+            raise ValueError(f"RWSAM.ascent_loss needs {missing} in its context (dist_sam.sam_step passes them)")
+        return tuple(found.values())
+
+    def _final_linear(self, module: nn.Module) -> nn.Linear:
+        if self.last_layer is None:
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"estimator='last_layer' needs a final nn.Linear producing the logits, and "
+                                 f"{type(module).__name__} has none; name one with last_layer=... or use estimator='fd'")
+            return linears[-1]
+        if isinstance(self.last_layer, nn.Module):
+            layer = self.last_layer
+            if not any(m is layer for m in module.modules()):
+                raise ValueError("last_layer is not a submodule of the model")
+        else:
+            try:
+                layer = module.get_submodule(self.last_layer)
+            except AttributeError:
+                raise ValueError(f"last_layer={self.last_layer!r} names no submodule of {type(module).__name__}") from None
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"last_layer must be an nn.Linear (the closed form is for a linear layer), "
+                             f"got {type(layer).__name__}")
+        return layer
+
+    def _last_layer_estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise ValueError("estimator='last_layer' saw no forward of the final nn.Linear: run the ascent "
+                             "forward inside opt.ascent_context(model) (dist_sam.sam_step does)")
+        features, logits, layer = captured
+        loss_fn, targets = context.get("loss_fn"), context.get("targets")
+        if not isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn.weight is not None:
+            raise ValueError(f"estimator='last_layer' has a closed form under unweighted cross-entropy only; "
+                             f"loss_fn is {loss_fn!r}: use nn.CrossEntropyLoss(reduction='none') or estimator='fd'")
+        if not self._layer_checked:  # once: the layer's output must be what the loss was computed from
+            if logits.dim() != 2 or features.dim() != 2 or logits.shape[0] != losses.shape[0] or not torch.allclose(
+                    loss_fn(logits, targets).float(), losses.detach().float(), rtol=1e-3, atol=1e-5):
+                raise ValueError(f"estimator='last_layer': the final nn.Linear ({layer}) does not produce the "
+                                 "(b, classes) logits the loss is computed from; name it with last_layer=... "
+                                 "or use estimator='fd'")
+            self._layer_checked = True
+        return last_layer_norms(logits, features, targets, bias=layer.bias is not None,
+                                label_smoothing=loss_fn.label_smoothing, ignore_index=loss_fn.ignore_index)
+
+    # -- the closure API cannot reweight --------------------------------------------------------
+    def step(self, closure=None):
+        """As :meth:`SAM.step`; a ``closure`` computes its own mean loss, so it is not reweighted."""
+        if closure is not None and self.lam != 0 and self.should_perturb():
+            warnings.warn("RWSAM.step(closure) uses the closure's unweighted loss (plain SAM); use "
+                          "dist_sam.sam_step or RWSAM.ascent_loss to reweight", stacklevel=2)
+        return super().step(closure)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """SAM's state dict plus ``{"rwsam": {"mu": ...}}`` (the calibrated ``mu``, or ``None``)."""
+        state = super().state_dict()
+        state["rwsam"] = {"mu": self.mu}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load SAM's state; with ``mu="auto"`` also the saved ``mu``, so a resume never recalibrates."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("rwsam", {})
+        super().load_state_dict(state_dict)
+        if self.auto_mu and saved.get("mu") is not None:
+            self.mu = float(saved["mu"])
+
+    def __repr__(self) -> str:
+        mu = "auto" if self.auto_mu and self.mu is None else self.mu
+        return (f"RWSAM(base={self.base_optimizer!r}, lam={self.lam}, estimator={self.estimator!r}, mu={mu}, "
+                f"num_directions={self.num_directions}, normalization={self.normalization!r}, interval={self.interval})")
+
+
+register_optimizer("rwsam", RWSAM)
