@@ -1,1 +1,8 @@
-"""Training loop, demo and entry points built on :func:`dist_sam.sam_step`."""
+"""Training entry points built on :func:`dist_sam.sam_step`: ``launch/train.py`` and ``make demo``.
+
+- ``config``: ``TrainConfig``, YAML + ``section.key=value`` overrides, validated up front.
+- ``loop``: ``Trainer`` (DDP, per-epoch evaluation, atomic resumable checkpoints, ``summary.json``).
+- ``steps``: the optimizer from ``create_optimizer`` and the training step (SAM family or plain SGD).
+- ``models``, ``schedule`` (warmup + cosine), ``metrics`` (top-1/top-5, timing, TensorBoard),
+  ``state`` (RNG and per-rank state), ``ds`` (``--deepspeed``), ``cli``, ``demo``.
+"""

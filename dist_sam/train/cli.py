@@ -1,0 +1,100 @@
+"""``dist-sam train`` / ``python launch/train.py``: config in, trained model and ``summary.json`` out.
+
+    python launch/train.py --config launch/configs/demo.yaml [section.key=value ...]
+        [--launcher env|mpi] [--deepspeed ds_config.json] [--print-config]
+
+The config is read and validated (every section, every key) before any process group, file or
+model is touched; a bad value exits with status 2 and a message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..checkpoint import CheckpointError
+from ..data import DatasetLayoutError
+from ..distributed.env import discover
+from ..distributed.launch import LAUNCHERS, init_distributed
+from .config import dump_yaml, load_config
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("dist_sam.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-sam train", description="Data-parallel training with SAM, RW-SAM or SGD.")
+    p.add_argument("--config", "-c", required=True, help="YAML config (see launch/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values (YAML-parsed)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="env",
+                   help="env: torchrun or srun variables (default); mpi: mpi4py bootstrap under mpirun/mpiexec")
+    p.add_argument("--deepspeed", metavar="JSON", default=None, help="train through dist_sam.deepspeed with this DeepSpeed config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate, join the process group, train, write the outputs; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_config = None
+        if args.deepspeed is not None:
+            from .ds import deepspeed_config
+
+            ds_config = deepspeed_config(cfg, args.deepspeed)
+    except (ValueError, OSError) as err:
+        print(f"dist-sam train: config error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # --deepspeed without dist_sam.deepspeed or DeepSpeed
+        print(f"dist-sam train: --deepspeed needs DeepSpeed support: pip install 'dist-sam[deepspeed]' ({err})",
+              file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    _setup_logging(discover().rank)
+    env = init_distributed(args.launcher, always=args.deepspeed is not None)
+    logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
+    try:
+        if ds_config is not None:
+            from .ds import run_deepspeed
+
+            with logging_redirect_tqdm():
+                summary = run_deepspeed(cfg, env, ds_config)
+        else:
+            from .loop import Trainer
+
+            trainer = Trainer(cfg, env)
+            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+                summary = trainer.run()
+            trainer.write_outputs(summary)
+        if env.rank == 0:
+            _report(cfg.run.output_dir, summary)
+    except (CheckpointError, DatasetLayoutError) as err:  # every rank refuses alike, before training
+        print(f"dist-sam train: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _report(output_dir: str, summary: dict) -> None:
+    state = "finished" if summary.get("finished") else f"stopped at step {summary.get('global_step')} (resumable)"
+    top1 = summary.get("top1")
+    acc = f", val top-1 {top1:.2f}%" if top1 is not None else ""
+    log.info("%s%s, %.0f img/s", state, acc, summary.get("images_per_second") or 0.0)
+    names = [n + ("/" if os.path.isdir(os.path.join(output_dir, n)) else "") for n in sorted(os.listdir(output_dir))]
+    print(f"outputs in {os.path.abspath(output_dir)}: {', '.join(names)}", flush=True)

@@ -1,0 +1,73 @@
+"""The optimizer a config asks for, and the one training step that drives it."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from ..optim import BASE_OPTIMIZERS as BASE_CLASSES
+from ..optim import create_optimizer, global_norm
+from ..optim.sam import SAM
+from ..step import sam_step
+from .config import TrainConfig
+
+__all__ = ["build_optimizer", "peak_lr", "plain_step", "train_step", "AUTOCAST_DTYPES", "BASE_CLASSES"]
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    """``optim.lr``, scaled linearly to the global batch when ``optim.reference_batch_size`` is set."""
+    if cfg.optim.reference_batch_size is None:
+        return cfg.optim.lr
+    return cfg.optim.lr * world_size * cfg.data.batch_size / cfg.optim.reference_batch_size
+
+
+def build_optimizer(cfg: TrainConfig, params, world_size: int) -> SAM:
+    """``create_optimizer`` with the config's base optimizer; ``sam: null`` gives ``rho = 0`` and
+    plain steps (:func:`plain_step`), i.e. exactly the base optimizer."""
+    kwargs = dict(base=cfg.optim.base, lr=peak_lr(cfg, world_size), **cfg.optim.base_kwargs())
+    if cfg.sam is None:
+        return create_optimizer("sam", params, rho=0.0, **kwargs)
+    return cfg.sam.build_optimizer(params, **kwargs)
+
+
+def plain_step(model: nn.Module, optimizer: SAM, loss_fn, inputs: torch.Tensor, targets: torch.Tensor, *,
+               clip_grad_norm: float | None, scaler: torch.amp.GradScaler | None,
+               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """One base-optimizer step (one forward, one backward, one all-reduce); returns the mean loss."""
+    optimizer.zero_grad(set_to_none=True)
+    ctx = torch.autocast(inputs.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        loss = loss_fn(model(inputs), targets).mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    params = optimizer.params
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, clip_grad_norm) if clip_grad_norm is not None else global_norm(grads)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:  # non-finite gradients never reach the weights
+            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=2)
+            optimizer.num_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def train_step(cfg: TrainConfig, model: nn.Module, optimizer: SAM, loss_fn, inputs: torch.Tensor,
+               targets: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """One step as the config says: :func:`dist_sam.sam_step`, or :func:`plain_step` with ``sam: null``."""
+    common = dict(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=scaler,
+                  autocast_dtype=AUTOCAST_DTYPES[cfg.run.precision])
+    if cfg.sam is None:
+        return plain_step(model, optimizer, loss_fn, inputs, targets, **common)
+    return sam_step(model, optimizer, loss_fn, inputs, targets, **cfg.sam.step_kwargs(), **common)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Multi-node training with torchrun and c10d rendezvous; run the same line on every node.
+#
+#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29400 launch/torchrun.sh \
+#       --config launch/configs/imagenet_resnet50_rwsam.yaml data.root=/data/imagenet
+#
+# NODE_RANK is advisory under c10d (torchrun may assign node ranks in arrival order, and again after
+# a restart); training does not depend on it: checkpoints are rank-independent. --max-restarts
+# restarts every worker when one fails; they resume from the latest checkpoint (checkpoint.dir must
+# be on storage all nodes share).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+: "${NNODES:=1}"
+: "${NODE_RANK:=0}"
+: "${NPROC_PER_NODE:=$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
+: "${RDZV_ENDPOINT:=127.0.0.1:29400}"
+: "${RUN_ID:=dist-sam}"
+: "${MAX_RESTARTS:=3}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
+    --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RUN_ID" --max-restarts="$MAX_RESTARTS" \
+    "$ROOT/launch/train.py" "$@"
