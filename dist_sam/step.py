@@ -210,7 +210,7 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
         # A non-finite ascent gradient poisons this rank's descent loss; the all-reduce then
         # carries the NaN to every rank, so all of them skip the step together.
         poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, float("nan"))
-        optimizer.perturb(g)
+        optimizer.perturb(g, inplace=g_full is None)  # g is this group's own buffer unless shared (full)
         try:
             with no_grad_sync(model, enabled=j < c - 1), frozen_running_stats(model, freeze_bn):
                 with autocast():

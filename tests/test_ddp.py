@@ -25,8 +25,8 @@ LR, MOM, RHO = 0.1, 0.9, 0.05
 class RecordingSAM(SAM):
     """SAM that remembers the last perturbation it applied."""
 
-    def compute_perturbation(self, grads, params, groups):
-        e = super().compute_perturbation(grads, params, groups)
+    def compute_perturbation(self, grads, params, groups, **kw):
+        e = super().compute_perturbation(grads, params, groups, **kw)
         self.last_e = [t.detach().clone() for t in e]
         return e
 

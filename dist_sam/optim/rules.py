@@ -33,7 +33,10 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device
-    norms = [torch.linalg.vector_norm(t, dtype=dtype).to(device) for t in tensors]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    norms = [n.to(device) for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=dtype)]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -49,6 +52,7 @@ def perturbation(
     adaptive: bool = False,
     eta: PerParam = 0.0,
     normalize: bool = True,
+    inplace: bool = False,
 ) -> list[torch.Tensor]:
     """The ascent step ``e`` for every parameter.
 
@@ -65,6 +69,8 @@ def perturbation(
         adaptive: use ASAM's elementwise scale ``T``.
         eta: ASAM's offset in ``T = |w| + eta``, one for all or one per parameter.
         normalize: divide by the (scaled) global gradient norm; ``False`` gives USAM.
+        inplace: SAM and USAM may scale ``grads`` in place and return them (no new memory);
+            for callers that own ``grads``.
 
     Returns:
         One tensor per parameter, in the parameter's dtype.
@@ -77,6 +83,12 @@ def perturbation(
         direction = [t * s for t, s in zip(scale, scaled)]  # T² ⊙ g
     else:
         scaled, direction = list(grads), list(grads)
+    if inplace and not adaptive and all(d.dtype == p.dtype for d, p in zip(direction, params)):
+        if normalize:
+            inv_norm = 1.0 / (global_norm(scaled) + EPS_NORM)
+            torch._foreach_mul_(direction, [inv_norm.to(d.device) for d in direction])
+        torch._foreach_mul_(direction, rhos)
+        return direction
     if not normalize:
         return [(r * d).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
     inv_norm = 1.0 / (global_norm(scaled) + EPS_NORM)  # float32 or wider
