@@ -1,0 +1,144 @@
+"""The benchmark harness in quick mode: it runs, its JSON has the documented fields, and the
+communication facts hold (local variants all-reduce SGD's bytes, global twice). No timing is
+asserted anywhere: timings belong to the benchmark runs, not to tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+
+from benchmarks import bench_ddp, gpu_check, run, study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(ROOT, "benchmarks", "configs", "quick.yaml")
+RECORD_FIELDS = {
+    "variant", "world_size", "optimizer", "ascent", "m", "micro_batch_size", "batch_per_worker", "global_batch",
+    "step_time_s", "img_per_s", "allreduce_calls_per_step", "allreduce_bytes_per_step", "peak_memory_mb", "finite",
+    "step_time_ratio_vs_sgd", "allreduce_bytes_ratio_vs_sgd",
+}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--config", QUICK, "--out", str(out)]) == 0
+    with open(out / "quick.json") as fh:
+        return out, json.load(fh)
+
+
+@pytest.mark.slow
+def test_sweep_quick_writes_documented_fields(sweep):
+    out, result = sweep
+    assert result["schema"] == run.SCHEMA and result["name"] == "quick"
+    for key in ("device", "torch", "threads_per_process", "cpu_count", "load_average"):
+        assert key in result["machine"]
+    assert result["config"]["world_sizes"] == [1, 2] and result["config"]["quick"] is True
+    assert result["skipped"] == {}, "every variant of the config ran (RW-SAM included)"
+    names = list(run.DEFAULT_VARIANTS)
+    for n in (1, 2):
+        at = [r for r in result["records"] if r["world_size"] == n]
+        assert [r["variant"] for r in at] == names
+        for r in at:
+            assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+            assert {"median", "p10", "p90", "min", "n"} <= set(r["step_time_s"])
+            assert r["step_time_s"]["n"] >= result["config"]["steps"]
+            assert all(_number(v) for v in (r["img_per_s"], r["step_time_ratio_vs_sgd"], r["peak_memory_mb"]))
+            assert r["finite"] is True
+    msam = {r["variant"]: r["m"] for r in result["records"] if r["world_size"] == 2 and r["variant"].startswith("msam")}
+    assert msam == {"msam-b": 8, "msam-b/2": 4, "msam-b/4": 2, "msam-b/8": 1}
+    assert [s["variant"] for s in result["scaling"]] == names and all(_number(s["efficiency"]) for s in result["scaling"])
+    for suffix in (".md", "_throughput_vs_m.png", "_step_time.png", "_scaling.png"):
+        assert (out / f"quick{suffix}").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sweep_communication_facts(sweep, world_size):
+    at = {r["variant"]: r for r in sweep[1]["records"] if r["world_size"] == world_size}
+    sgd = at["sgd"]
+    assert sgd["allreduce_calls_per_step"] >= 1 and sgd["allreduce_bytes_per_step"] > 0
+    for name, r in at.items():
+        factor = 2 if name == "sam-global" else 1  # local, micro (m-SAM), USAM, ASAM, RW-SAM: as SGD
+        assert r["allreduce_bytes_per_step"] == factor * sgd["allreduce_bytes_per_step"], name
+        assert r["allreduce_calls_per_step"] == factor * sgd["allreduce_calls_per_step"], name
+    comm = [c for c in sweep[1]["checks"] if c["world_size"] == world_size and c["check"].startswith("all-reduce")]
+    assert len(comm) == len(at) - 1 and all(c["ok"] for c in comm)
+
+
+@pytest.mark.slow
+def test_bench_ddp_ratios_from_a_sweep(sweep):
+    ratios = bench_ddp.ddp_ratios(sweep[1])
+    assert {"sam-local/sgd", "sam-global/sgd", "local_target", "local_ok"} <= set(ratios)
+    assert ratios["sam-local/sgd bytes"] == 1 and ratios["sam-global/sgd bytes"] == 2
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        run.BenchConfig(steps=5)
+    with pytest.raises(ValueError, match="sgd"):
+        run.BenchConfig(variants=("sam-local",))
+    with pytest.raises(ValueError, match="msam-b/3"):
+        run.BenchConfig(batch_size=32, variants=("sgd", "msam-b/3"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        run.load_config(str(bad))
+    v = run.parse_variant("sam-global", 16, 4, run.BenchConfig())
+    assert (v.ascent, v.m) == ("global", 64)
+
+
+@pytest.mark.slow
+def test_study_quick(tmp_path):
+    assert study.main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "study_quick.json") as fh:
+        result = json.load(fh)
+    assert result["schema"] == study.SCHEMA and result["config"]["quick"] is True
+    names = list(study.VARIANTS)
+    assert [v["name"] for v in result["variants"]] == names
+    assert all({"optimizer", "ascent", "m", "mapping", "epochs"} <= set(v) for v in result["variants"])
+    seeds, noise = result["config"]["seeds"], result["config"]["noise"]
+    assert noise == [0.0, 0.4] and len(result["runs"]) == len(names) * len(noise) * seeds
+    for s in result["summary"]:
+        assert s["n"] == seeds and 0.0 <= s["test_acc_mean"] <= 1.0 and s["test_acc_std"] >= 0.0
+        assert _number(s["sgn_trace_mean"]) and s["sgn_trace_mean"] > 0
+    assert all(r["finite"] for r in result["runs"])
+    assert (tmp_path / "study_quick.md").stat().st_size > 0 and (tmp_path / "study_quick.png").stat().st_size > 0
+
+
+def test_study_data_matches_the_demo_split():
+    from dist_sam.data.demo import flip_labels
+
+    data = study.load_digits_split(0.4, noise_seed=0)
+    assert data["x_train"].shape == (1437, 3, 8, 8) and data["x_test"].shape == (360, 3, 8, 8)
+    flipped = (data["y_train"] != data["y_train_clean"]).float().mean().item()
+    assert flipped == pytest.approx(0.4, abs=1e-3)
+    assert data["y_train"].tolist() == flip_labels(data["y_train_clean"].numpy(), 0.4, 0).tolist()
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    from dist_sam.data import dali
+
+    args = ["--dry-run", "--out", str(tmp_path)] + ([] if dali.dali_available() else ["--skip-dali"])
+    assert gpu_check.main(args) == 0
+    with open(tmp_path / "gpu_check.json") as fh:
+        result = json.load(fh)
+    assert result["schema"] == gpu_check.SCHEMA and result["dry_run"] is True and result["errors"] == {}
+    assert result["correctness"]["ok"] is True
+    assert set(result["throughput"]["variants"]) == set(gpu_check.VARIANTS)
+    assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local"} <= set(result["throughput"]["ratios"])
+    if dali.dali_available():
+        assert result["dali"]["images"] > 0 and _number(result["dali"]["img_per_s"])
