@@ -10,6 +10,7 @@ Subcommands:
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 __all__ = ["main"]
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-sam: unknown command {name!r}; accepted: {sorted(_COMMANDS)}", file=sys.stderr)
         return 2
     module, func = _COMMANDS[name].split(":")
+    if module.startswith("benchmarks."):  # benchmarks/ sits beside dist_sam/ in a checkout, not installed
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(root, "benchmarks")) and root not in sys.path:
+            sys.path.insert(0, root)
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 
 

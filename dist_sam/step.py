@@ -209,8 +209,10 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
         losses_at_w.append(losses.detach())
         # A non-finite ascent gradient poisons this rank's descent loss; the all-reduce then
         # carries the NaN to every rank, so all of them skip the step together.
-        poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, float("nan"))
-        optimizer.perturb(g, inplace=g_full is None)  # g is this group's own buffer unless shared (full)
+        g_norm = global_norm([t for t in g if t is not None])
+        poison = torch.where(torch.isfinite(g_norm), 1.0, float("nan"))
+        # g is this group's own buffer (scaled in place) unless shared across groups (full).
+        optimizer.perturb(g, inplace=g_full is None, grad_norm=g_norm)
         try:
             with no_grad_sync(model, enabled=j < c - 1), frozen_running_stats(model, freeze_bn):
                 with autocast():

@@ -39,5 +39,8 @@ def test_pyproject_declares_the_extras_and_console_script():
 def test_console_script_lists_commands():
     out = subprocess.run([sys.executable, "-m", "dist_sam.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "make-demo-data" in out.stdout
+    # `dist-sam bench` finds benchmarks/ beside the package from any working directory.
+    bench = subprocess.run([sys.executable, "-m", "dist_sam.cli", "bench", "--help"], capture_output=True, text=True, cwd="/")
+    assert bench.returncode == 0 and "--config" in bench.stdout, bench.stderr
     bad = subprocess.run([sys.executable, "-m", "dist_sam.cli", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr

@@ -53,6 +53,7 @@ def perturbation(
     eta: PerParam = 0.0,
     normalize: bool = True,
     inplace: bool = False,
+    grad_norm: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The ascent step ``e`` for every parameter.
 
@@ -71,6 +72,7 @@ def perturbation(
         normalize: divide by the (scaled) global gradient norm; ``False`` gives USAM.
         inplace: SAM and USAM may scale ``grads`` in place and return them (no new memory);
             for callers that own ``grads``.
+        grad_norm: ``||g||`` if the caller already has it (SAM reuses it; ASAM ignores it).
 
     Returns:
         One tensor per parameter, in the parameter's dtype.
@@ -83,13 +85,17 @@ def perturbation(
         direction = [t * s for t, s in zip(scale, scaled)]  # T² ⊙ g
     else:
         scaled, direction = list(grads), list(grads)
-    if inplace and not adaptive and all(d.dtype == p.dtype for d, p in zip(direction, params)):
-        if normalize:
-            inv_norm = 1.0 / (global_norm(scaled) + EPS_NORM)
-            torch._foreach_mul_(direction, [inv_norm.to(d.device) for d in direction])
-        torch._foreach_mul_(direction, rhos)
-        return direction
     if not normalize:
+        if inplace and not adaptive:
+            torch._foreach_mul_(direction, rhos)
+            return direction
         return [(r * d).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
-    inv_norm = 1.0 / (global_norm(scaled) + EPS_NORM)  # float32 or wider
+    norm = global_norm(scaled) if grad_norm is None or adaptive else grad_norm
+    inv_norm = 1.0 / (norm + EPS_NORM)  # float32 or wider
+    if inplace and not adaptive and all(d.dtype == p.dtype for d, p in zip(direction, params)):
+        if len(set(rhos)) == 1 and len({d.device for d in direction}) == 1:
+            torch._foreach_mul_(direction, (rhos[0] * inv_norm).to(direction[0].device))  # one pass
+        else:
+            torch._foreach_mul_(direction, [(r * inv_norm).to(d.device) for r, d in zip(rhos, direction)])
+        return direction
     return [(d.to(inv_norm.dtype) * (r * inv_norm.to(d.device))).to(p.dtype) for r, d, p in zip(rhos, direction, params)]

@@ -122,12 +122,15 @@ class SAM(torch.optim.Optimizer):
 
     # -- the SAM primitives ------------------------------------------------------------------
     @torch.no_grad()
-    def perturb(self, grads: Sequence[torch.Tensor | None], *, inplace: bool = False) -> None:
+    def perturb(
+        self, grads: Sequence[torch.Tensor | None], *, inplace: bool = False, grad_norm: torch.Tensor | None = None
+    ) -> None:
         """``w <- w + e(g)`` for the ascent gradients ``grads`` (aligned with :attr:`params`).
 
         Keeps an exact copy of ``w`` (allocated once, reused) for :meth:`restore`. A ``None``
         gradient leaves its parameter where it is. ``inplace=True`` lets the rule overwrite
         ``grads`` (SAM and USAM then need no extra memory); pass it only for buffers you own.
+        ``grad_norm`` is ``||g||`` over every non-``None`` gradient, if the caller has it.
         """
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
@@ -141,10 +144,11 @@ class SAM(torch.optim.Optimizer):
         live = [(p, g, group) for p, g, group in zip(params, grads, self._group_of_params()) if g is not None]
         if live and any(group["rho"] != 0 for _, _, group in live):
             ps, gs, groups = (list(x) for x in zip(*live))
-            torch._foreach_add_(ps, self.compute_perturbation(gs, ps, groups, inplace=inplace))
+            torch._foreach_add_(ps, self.compute_perturbation(gs, ps, groups, inplace=inplace, grad_norm=grad_norm))
 
     def compute_perturbation(
-        self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], *, inplace: bool = False
+        self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], *,
+        inplace: bool = False, grad_norm: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The rule of this variant (SPEC.md §1), one global norm across all param groups.
 
@@ -159,6 +163,7 @@ class SAM(torch.optim.Optimizer):
             adaptive=self.defaults["adaptive"],
             normalize=self.defaults["normalize"],
             inplace=inplace,
+            grad_norm=grad_norm,
         )
 
     def _group_of_params(self) -> list[dict]:
