@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from .run import RESULTS_DIR, load_config, run_sweep
+from .config import RESULTS_DIR, load_config
+from .run import run_sweep
 
 __all__ = ["CONFIG", "LOCAL_TARGET", "ddp_ratios", "main"]
 

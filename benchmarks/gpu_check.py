@@ -9,7 +9,7 @@ finished ones):
 1. ``correctness``: for SGD, SAM-local, RW-SAM ``fd`` and RW-SAM ``last_layer``, a fresh
    ResNet-50 takes 3 steps at lr 0.1 (224px, bf16 autocast, channels_last, batch 256); the loss
    and every weight must stay finite and the weights must move. Timing runs only if all pass.
-2. ``throughput``: ``benchmarks.run.measure`` on one model (no DDP, world size 1), the variants
+2. ``throughput``: ``benchmarks.harness.measure`` on one model (no DDP, world size 1), the variants
    interleaved, median step time of 20 steps after warm-up, img/s, peak
    ``torch.cuda.max_memory_allocated`` over the step; ratios against SGD and SAM-local.
 3. ``dali``: ``dist-sam make-demo-data --synthetic`` JPEGs decoded by the library's DALI loader
@@ -44,7 +44,7 @@ DRY = dict(model="small_cnn", image_size=32, num_classes=10, batch_size=8, steps
 
 
 def _bench_config(opts: dict, device: str, **extra: Any):
-    from .run import BenchConfig
+    from .config import BenchConfig
 
     return BenchConfig(name="gpu_check", model=opts["model"], image_size=opts["image_size"], num_classes=opts["num_classes"],
                        batch_size=opts["batch_size"], world_sizes=(1,), threads=max(1, torch.get_num_threads()), variants=VARIANTS,
@@ -54,7 +54,7 @@ def _bench_config(opts: dict, device: str, **extra: Any):
 
 def check_correctness(opts: dict, device: str) -> dict[str, Any]:
     """3 steps at lr 0.1 per variant on a fresh model: finite loss, finite and moved weights."""
-    from .run import make_step, available_variants, parse_variant
+    from .harness import make_step, available_variants, parse_variant
     from dist_sam.train.models import build_model
 
     cfg = _bench_config(opts, device, lr=0.1)
@@ -80,8 +80,8 @@ def check_correctness(opts: dict, device: str) -> dict[str, Any]:
 
 
 def time_variants(opts: dict, device: str) -> dict[str, Any]:
-    """Interleaved timing of the variants on one model (``benchmarks.run.measure``, no DDP)."""
-    from .run import measure
+    """Interleaved timing of the variants on one model (``benchmarks.harness.measure``, no DDP)."""
+    from .harness import measure
 
     if device == "cuda":
         torch.backends.cudnn.benchmark = True

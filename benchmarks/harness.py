@@ -1,0 +1,268 @@
+"""The sweep's measurement side: the timing loop and the processes that run it.
+
+``make_step`` (one variant's step on a model); ``measure`` (every variant in this process,
+interleaved rounds, with all-reduce counts and peak memory via :class:`PeakMemory`);
+``run_world`` (``measure`` on ``n`` spawned processes). The config and variant names live in
+``benchmarks.config`` and are re-exported here; the summaries, checks and output files are
+``benchmarks.report``; the entry point is ``benchmarks.run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_sam
+from dist_sam.distributed.ddp import CommCounter
+from dist_sam.train.models import build_model
+
+from .config import DEFAULT_VARIANTS, RESULTS_DIR, BenchConfig, Variant, load_config, parse_variant
+
+__all__ = ["DEFAULT_VARIANTS", "RESULTS_DIR", "BenchConfig", "Variant", "parse_variant", "load_config", "PeakMemory",
+           "make_step", "available_variants", "measure", "run_world"]
+
+
+class PeakMemory:
+    """Peak extra memory of one call, and how it was measured (:attr:`method`).
+
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the call. Linux CPU: the
+    kernel's peak-RSS mark (``VmHWM``) minus ``VmRSS`` before the call, after ``malloc_trim(0)``
+    returned freed heap to the OS and the mark was reset (``/proc/self/clear_refs`` = 5); this
+    counts every page the call touches (tensors, allocator overhead), not only tensor bytes.
+    Elsewhere: ``None``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._trim = None
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated() - memory_allocated() before the step"
+        elif self._linux_probe():
+            self.method = "VmHWM - VmRSS before the step (Linux; malloc_trim(0) and clear_refs=5 first)"
+        else:
+            self.method = None
+
+    def _linux_probe(self) -> bool:
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            return self._status("VmHWM") is not None
+        except (OSError, AttributeError):
+            return False
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        with open("/proc/self/status") as fh:
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":")), None)
+
+    def measure(self, fn: Callable[[], Any]) -> int | None:
+        """Run ``fn()``; return its peak extra memory in bytes (``None`` without a method)."""
+        if self.method is None:
+            fn()
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        import gc
+
+        gc.collect()
+        self._trim(0)
+        before = self._status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        fn()
+        return max(0, self._status("VmHWM") - before)
+
+
+# -- one process: build, warm up, time ----------------------------------------------------------
+def make_step(variant: Variant, model: nn.Module, cfg: BenchConfig) -> tuple[Callable, torch.optim.Optimizer]:
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
+    if variant.optimizer is None:
+        opt = torch.optim.SGD(model.parameters(), **base)
+
+        def sgd_step(x, y):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn(model(x), y).mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return sgd_step, opt
+    opt = dist_sam.create_optimizer(variant.optimizer, model.parameters(), base="sgd", **base, **dict(variant.options))
+
+    def sam_step(x, y):
+        return dist_sam.sam_step(model, opt, loss_fn, x, y, ascent=variant.ascent,
+                                 micro_batch_size=variant.micro_batch_size, autocast_dtype=dtype)
+
+    return sam_step, opt
+
+
+def _build_model(cfg: BenchConfig) -> nn.Module:
+    """``dist_sam.train.models.build_model``, plus ``resnet18_cifar``: the paper's CIFAR ResNet-18
+    (3x3 stride-1 stem, no max-pool), 15x the compute of torchvision's stem at 32px."""
+    if cfg.model != "resnet18_cifar":
+        return build_model(cfg.model, num_classes=cfg.num_classes, channels_last=cfg.channels_last)
+    model = build_model("resnet18", num_classes=cfg.num_classes)
+    model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def available_variants(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The names whose optimizer is registered, and a reason for each one skipped."""
+    registered = set(dist_sam.list_optimizers())
+    skipped = {n: "RW-SAM is not registered in this dist_sam (create_optimizer('rwsam') unknown)"
+               for n in names if n.startswith("rwsam-") and "rwsam" not in registered}
+    return [n for n in names if n not in skipped], skipped
+
+
+def _setup(cfg: BenchConfig, rank: int, ddp: bool) -> tuple[nn.Module, nn.Module, CommCounter | None, list]:
+    """The model (seeded), its DDP wrapper and comm counter when ``ddp``, and two fixed synthetic batches."""
+    device = cfg.torch_device
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    module = _build_model(cfg).to(device)
+    model: nn.Module = module
+    counter = None
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        counter = CommCounter.attach(model)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    batches = [(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device, memory_format=fmt),
+                torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(device)) for _ in range(2)]
+    return module, model, counter, batches
+
+
+def _prime(model: nn.Module, batches: list, cfg: BenchConfig) -> None:
+    """Two plain synchronized passes: DDP (re)builds its buckets, cuDNN picks kernels."""
+    device = cfg.torch_device
+    dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
+    for i in range(2):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(model(batches[i][0]), batches[i][1])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _one_step(step: Callable, batch: tuple, counter: CommCounter | None, sync: Callable[[], Any],
+              record: dict | None) -> None:
+    """Run one step; into ``record`` (when given) its time, all-reduce calls/bytes and loss finiteness."""
+    x, y = batch
+    if counter is not None:
+        counter.reset()
+    sync()
+    start = time.perf_counter()
+    loss = step(x, y)
+    sync()
+    elapsed = time.perf_counter() - start
+    if record is not None:
+        record["times"].append(elapsed)
+        record["calls"].append(counter.calls if counter else None)
+        record["bytes"].append(counter.bytes if counter else None)
+        record["finite"] &= bool(torch.isfinite(loss))
+
+
+def measure(cfg: BenchConfig, *, rank: int = 0, world_size: int = 1, ddp: bool = True) -> dict[str, Any]:
+    """Time every available variant in this process; returns plain Python data.
+
+    With ``ddp`` the process group must be initialized; the model is wrapped in DDP and a
+    ``CommCounter`` counts the gradient all-reduces of every step.
+    """
+    device = cfg.torch_device
+    module, model, counter, batches = _setup(cfg, rank, ddp)
+    names, skipped = available_variants(cfg.variants)
+    steps = {n: make_step(parse_variant(n, cfg.batch_size, world_size, cfg), model, cfg) for n in names}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probe = PeakMemory(device)
+    out = {n: dict(times=[], calls=[], bytes=[], peak_memory_bytes=None, finite=True) for n in names}
+
+    def run(n: str, i: int, timed: bool) -> None:
+        _one_step(steps[n][0], batches[i % 2], counter, sync, out[n] if timed else None)
+
+    _prime(model, batches, cfg)
+    for n in names:  # warm-up; the first step of each variant also allocates its optimizer state
+        out[n]["peak_memory_bytes"] = probe.measure(lambda: run(n, 0, False))
+        for i in range(1, cfg.warmup):
+            run(n, i, False)
+    rounds = math.ceil(cfg.steps / cfg.steps_per_round)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            for i in range(cfg.steps_per_round):
+                run(n, i, True)
+    out = {n: dict(v, finite=v["finite"] and all(bool(torch.isfinite(p).all()) for p in module.parameters())) for n, v in out.items()}
+    return dict(variants=out, skipped=skipped, memory_method=probe.method,
+                param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()))
+
+
+# -- processes ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, cfg_dict: dict, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(cfg_dict["threads"]))
+    try:
+        cfg = BenchConfig(**cfg_dict)
+        torch.set_num_threads(cfg.threads)
+        torch.set_num_interop_threads(1)
+        cuda = cfg.torch_device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(rank)
+            cfg = dataclasses.replace(cfg, device=f"cuda:{rank}")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        queue.put((rank, "ok", measure(cfg, rank=rank, world_size=world_size)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(cfg: BenchConfig, world_size: int) -> list[dict]:
+    """Run :func:`measure` on ``world_size`` spawned processes; one result per rank."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    cfg_dict = dataclasses.asdict(cfg)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, cfg_dict, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = [None] * world_size, []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=cfg.timeout_s)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{value}")
+            else:
+                results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError(f"world size {world_size} failed:\n" + "\n".join(errors))
+    return results
