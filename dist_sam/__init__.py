@@ -7,7 +7,7 @@ SAM step costs one all-reduce, as SGD. See ``README.md`` and ``../shared/docs/SP
 from . import diagnostics
 from .bn import frozen_running_stats
 from .optim import ASAM, RWSAM, SAM, USAM, create_optimizer, list_optimizers
-from .step import ASCENT_MODES, sam_step
+from .step import ASCENT_MODES, base_step, sam_step
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "create_optimizer",
     "list_optimizers",
     "sam_step",
+    "base_step",
     "ASCENT_MODES",
     "frozen_running_stats",
     "__version__",

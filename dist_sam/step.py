@@ -32,7 +32,7 @@ from .distributed.ddp import check_model, no_grad_sync, unwrap
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
-__all__ = ["sam_step", "ASCENT_MODES", "full_gradient", "per_sample_losses"]
+__all__ = ["sam_step", "base_step", "ASCENT_MODES", "full_gradient", "per_sample_losses"]
 
 ASCENT_MODES = ("local", "micro", "global", "full")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,19 +162,49 @@ def sam_step(
     """
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
     check_model(model)
+    if not optimizer.should_perturb():
+        return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
+                         accumulation_steps=accumulation_steps, autocast_dtype=autocast_dtype)
     params = optimizer.params
-    device_type = inputs.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     scale = scaler.scale if scaler is not None else (lambda t: t)
     optimizer.zero_grad(set_to_none=True)
-
-    if not optimizer.should_perturb():
-        loss = _plain_pass(model, loss_fn, inputs, targets, accumulation_steps, autocast, scale)
-    else:
-        loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
-                           params, autocast, scale, scaler, freeze_bn)
+    loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
+                       params, _autocast(inputs, autocast_dtype), scale, scaler, freeze_bn)
     _finish(optimizer, params, clip_grad_norm, scaler)
     return loss
+
+
+def base_step(
+    model: nn.Module,
+    optimizer: SAM,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    clip_grad_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accumulation_steps: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A plain base-optimizer step (one forward and backward, one all-reduce), no perturbation.
+
+    What ``sam_step`` runs on the steps ``interval`` leaves plain, and what a trainer runs for an
+    SGD baseline, with the same clipping, scaler and non-finite handling. Arguments as
+    :func:`sam_step`; returns the mean loss.
+    """
+    _validate(optimizer, inputs, targets, "local", None, accumulation_steps, clip_grad_norm, None)
+    check_model(model)
+    autocast = _autocast(inputs, autocast_dtype)
+    optimizer.zero_grad(set_to_none=True)
+    loss = _plain_pass(model, loss_fn, inputs, targets, accumulation_steps, autocast,
+                       scaler.scale if scaler is not None else (lambda t: t))
+    _finish(optimizer, optimizer.params, clip_grad_norm, scaler)
+    return loss
+
+
+def _autocast(inputs: torch.Tensor, dtype: torch.dtype | None):
+    device_type = inputs.device.type
+    return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
 
 
 def _plain_pass(model, loss_fn, inputs, targets, k, autocast, scale) -> torch.Tensor:

@@ -311,3 +311,18 @@ def test_plain_optimizer_is_refused():
     model = make_mlp()
     with pytest.raises(ValueError, match="optimizer"):
         sam_step(model, torch.optim.SGD(model.parameters(), lr=0.1), CE, *make_batch("mlp", 8))
+
+
+def test_base_step_is_the_plain_optimizer_step():
+    model, plain = make_cnn(dtype=torch.float32), make_cnn(dtype=torch.float32)
+    opt = create_optimizer("sam", model.parameters(), lr=0.1, momentum=0.9, rho=0.5)
+    base = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        x, y = make_batch("cnn", 8, seed=step, dtype=torch.float32)
+        dist_sam.base_step(model, opt, CE, x, y)
+        base.zero_grad()
+        CE(plain(x), y).mean().backward()
+        base.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    assert opt.num_steps == 2

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import torch
 from torch import nn
 
 from ..optim import BASE_OPTIMIZERS as BASE_CLASSES
-from ..optim import create_optimizer, global_norm
+from ..optim import create_optimizer
 from ..optim.sam import SAM
-from ..step import sam_step
+from ..step import base_step, sam_step
 from .config import TrainConfig
 
 __all__ = ["build_optimizer", "peak_lr", "plain_step", "train_step", "AUTOCAST_DTYPES", "BASE_CLASSES"]
@@ -39,28 +36,8 @@ def plain_step(model: nn.Module, optimizer: SAM, loss_fn, inputs: torch.Tensor, 
                clip_grad_norm: float | None, scaler: torch.amp.GradScaler | None,
                autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """One base-optimizer step (one forward, one backward, one all-reduce); returns the mean loss."""
-    optimizer.zero_grad(set_to_none=True)
-    ctx = torch.autocast(inputs.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx:
-        loss = loss_fn(model(inputs), targets).mean()
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    params = optimizer.params
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = nn.utils.clip_grad_norm_(params, clip_grad_norm) if clip_grad_norm is not None else global_norm(grads)
-        if torch.isfinite(norm):
-            optimizer.step()
-        else:  # non-finite gradients never reach the weights
-            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=2)
-            optimizer.num_steps += 1
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach().float()
+    return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
+                     autocast_dtype=autocast_dtype).float()
 
 
 def train_step(cfg: TrainConfig, model: nn.Module, optimizer: SAM, loss_fn, inputs: torch.Tensor,
