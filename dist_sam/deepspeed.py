@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -182,6 +183,28 @@ class SAMEngine:
         # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
+        self._check_finite = self._arm_fp32_overflow_check()
+
+    def _arm_fp32_overflow_check(self) -> bool:
+        """Non-finite gradients never reach the weights, in fp32 too.
+
+        DeepSpeed skips such steps under fp16/bf16, and its ZeRO 1/2 optimizer skips a step whose
+        global gradient norm is not finite in fp32 too (tested). ZeRO-0 in fp32 steps the plain
+        base optimizer: there the reduced gradients sit in ``.grad``, identical on every rank, and
+        :meth:`train_step` checks them itself. Returns whether it must.
+        """
+        if self.engine.fp16_enabled() or self.engine.bfloat16_enabled():
+            return False
+        return not hasattr(self.engine.optimizer, "check_grad_overflow")  # not a DeepSpeedZeroOptimizer
+
+    def _skip_if_nonfinite(self) -> None:
+        """ZeRO-0 fp32: drop non-finite reduced gradients so the base optimizer skips every parameter."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(global_norm(grads)):
+            for p in self.module.parameters():
+                p.grad = None  # torch optimizers leave a parameter without .grad untouched
+            self.engine.skipped_steps += 1
+            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=3)
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not set yet (copy, unpickling): avoid recursing
@@ -220,6 +243,8 @@ class SAMEngine:
             self.engine.backward(loss)
             loss = loss.detach().float()
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self._check_finite:
+            self._skip_if_nonfinite()
         self.engine.step()
         self._micro_index += 1
         if boundary:

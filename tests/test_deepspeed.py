@@ -212,10 +212,35 @@ def _resume(ckpt_dir):
     return out
 
 
+def _nonfinite():
+    """fp32: an inf input on rank 1 only skips the step on both ranks; the next good step applies."""
+    import warnings
+
+    out = {}
+    rank = torch.distributed.get_rank()
+    for stage in (0, 2):
+        engine = _engine(make_mlp(dtype=torch.float32), _ds_config(stage, SAM))
+        x, y = _batch("mlp", 0, rank, MICRO)
+        before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        bad = x.clone()
+        if rank == 1:
+            bad[0, 0] = float("inf")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.train_step((bad, y))
+        untouched = _max_diff(engine.module.state_dict(), before)
+        engine.train_step((x, y))
+        finite = all(torch.isfinite(v).all() for v in engine.module.state_dict().values())
+        out[stage] = dict(untouched=untouched, moved=_max_diff(engine.module.state_dict(), before), finite=finite,
+                          skipped=engine.skipped_steps)
+    return out
+
+
 def _worker(rank, world_size, ckpt_dir):
     os.environ["DS_ACCELERATOR"] = "cpu"
     _count_collectives()
-    return dict(equivalence=_equivalence(), bf16=_bf16(), collectives=_collectives(), resume=_resume(ckpt_dir))
+    return dict(equivalence=_equivalence(), bf16=_bf16(), collectives=_collectives(), resume=_resume(ckpt_dir),
+                nonfinite=_nonfinite())
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +249,14 @@ def results(tmp_path_factory):
 
 
 # -- the distributed properties ------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp32_nonfinite_on_one_rank_skips_the_step_on_every_rank(results, stage):
+    for rank_results in results:
+        r = rank_results["nonfinite"][stage]
+        assert r["untouched"] == 0.0 and r["finite"] and r["moved"] > 0, r
+        assert r["skipped"] == 1, r
+
+
 @pytest.mark.parametrize("case", list(EQUIVALENCE))
 def test_local_sam_and_rwsam_equal_ddp(results, case):
     for rank_results in results:
