@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 import warnings
 from typing import Any
@@ -202,7 +203,8 @@ class Trainer:
         loader.set_epoch(self.epoch)
         self.model.train()
         bar = tqdm(total=len(loader), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.run.epochs}",
-                   disable=not (self.primary and cfg.run.progress), dynamic_ncols=True, leave=False)
+                   disable=not (self.primary and cfg.run.progress), dynamic_ncols=True, leave=False,
+                   mininterval=0.1 if sys.stderr.isatty() else 5.0)  # a log file gets a few lines, not hundreds
         batches, start = iter(loader), time.perf_counter()
         while True:
             with self.timer("data"):
