@@ -175,8 +175,8 @@ def test_modes_match_reference_and_stay_in_sync(mode, extra, m, sgd_comm):
     assert same == (mode in ("global", "full"))
 
 
-def _accumulation_worker(rank, world):
-    model = DDP(make_cnn())
+def _accumulation_worker(rank, world, bucket_view):
+    model = DDP(make_cnn(), gradient_as_bucket_view=bucket_view)
     counter = CommCounter.attach(model)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
     comm = []
@@ -188,8 +188,9 @@ def _accumulation_worker(rank, world):
     return dict(weights=[p.detach().clone() for p in model.module.parameters()], comm=comm)
 
 
-def test_accumulation_with_local_ascent_matches_reference(sgd_comm):
-    results = run_distributed(_accumulation_worker, WORLD)
+@pytest.mark.parametrize("bucket_view", [False, True])  # grads as views of DDP's buckets: same result
+def test_accumulation_with_local_ascent_matches_reference(sgd_comm, bucket_view):
+    results = run_distributed(_accumulation_worker, WORLD, args=(bucket_view,))
     ref = _reference("micro", 3, m=B // 2)  # k = 2 chunks, each its own local ascent: m = b/k
     for r in results:
         for p, q in zip(r["weights"], ref.parameters()):
