@@ -234,8 +234,8 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
             g = g_full
             with torch.no_grad(), no_grad_sync(model), autocast():  # the step's forward at w updates BN stats
                 losses = per_sample_losses(loss_fn, model(x), y, x.shape[0])
-        if inv_scale is not None:
-            g = [None if t is None else t * inv_scale for t in g]  # unscale before the norm
+        if inv_scale is not None and g_full is None:  # unscale before the norm (g_full is never scaled)
+            torch._foreach_mul_([t for t in g if t is not None], inv_scale)
         losses_at_w.append(losses.detach())
         # A non-finite ascent gradient poisons this rank's descent loss; the all-reduce then
         # carries the NaN to every rank, so all of them skip the step together.

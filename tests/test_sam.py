@@ -326,3 +326,21 @@ def test_base_step_is_the_plain_optimizer_step():
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)
     assert opt.num_steps == 2
+
+
+@pytest.mark.parametrize("ascent, extra", [("local", {}), ("micro", {"micro_batch_size": 4}), ("full", None)])
+def test_grad_scaler_gives_the_unscaled_step(ascent, extra):
+    """Loss scaling by a power of two is exact: with a GradScaler every mode takes the same step."""
+    data = [make_batch("mlp", 8, seed=50 + i) for i in range(2)]
+    kwargs = dict(ascent=ascent, **(extra or {}))
+    if ascent == "full":
+        kwargs["ascent_data"] = data
+    weights = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        model = make_mlp()
+        opt = create_optimizer("usam", model.parameters(), lr=0.1, rho=0.5)  # USAM: e is linear in g's scale
+        for s in range(2):
+            sam_step(model, opt, CE, *make_batch("mlp", 8, seed=s), scaler=scaler, **kwargs)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*weights):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
