@@ -119,10 +119,7 @@ def _step_time(result: dict, path: str) -> None:
     _bars(ax, names, groups, errs)
     ax.set_ylabel("step time, ms (median, p10-p90)")
     ax.set_title(f"{result['name']}: step time by variant")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def _scaling(result: dict, path: str) -> None:
@@ -136,6 +133,10 @@ def _scaling(result: dict, path: str) -> None:
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_ylabel("img/s at n / (n x img/s at 1)")
     ax.set_title(f"{result['name']}: weak-scaling efficiency")
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
