@@ -2,6 +2,8 @@
 
     python -m benchmarks.study            # 5 seeds x 7 variants x {0%, 40%} label noise, <= 30 min on 2 cores
     python -m benchmarks.study --quick    # the same grid, 2 seeds and a 1-epoch schedule (<= 3 min)
+    python -m benchmarks.study --grid noise [--quick]   # a named grid: noise, lam, estimator, m, asam
+                                          # (benchmarks/study_grid.py, configs/study_grids.yaml)
 
 Data: the demo dataset of ``dist-sam make-demo-data`` (scikit-learn's 1,797 handwritten digits),
 loaded in memory at its 8x8 source resolution instead of decoded from JPEGs: the same fixed split
@@ -273,8 +275,23 @@ def run_study(cfg: StudyConfig, out_dir: str) -> dict[str, Any]:
 QUICK = dict(name="study_quick", seeds=2, epochs=1, nsam_epochs=1, trace_samples=256, max_steps_per_epoch=8, quick=True)
 
 
+def _grid_main(args: argparse.Namespace) -> int:
+    from .study_grid import load_grid, run_grid
+    from .study_plots import grid_markdown
+
+    try:
+        grid = load_grid(args.grid, args.grid_config, quick=args.quick, seeds=args.seeds)
+    except ValueError as err:
+        print(f"benchmarks.study: {err}", file=sys.stderr)
+        return 2
+    result = run_grid(grid, args.out)
+    print(grid_markdown(result))
+    print("wrote " + ", ".join(result["files"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks.study``."""
+    """Entry point of ``python -m benchmarks.study``: the m-sharpness study, or a named grid with ``--grid``."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description="The m-sharpness accuracy study on the digits demo data.")
     p.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs: a smoke run (<= 3 minutes)")
     p.add_argument("--out", default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
@@ -284,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes (1 thread each); default 2")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--name", default=None)
+    p.add_argument("--grid", default=None, help="run a named grid (noise, lam, estimator, m, asam) instead, "
+                   "sequentially on 1 thread; --seeds and --quick apply")
+    p.add_argument("--grid-config", default=None, help="the grids' YAML (default benchmarks/configs/study_grids.yaml)")
     args = p.parse_args(argv)
+    if args.grid is not None:
+        return _grid_main(args)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     for key in ("seeds", "epochs", "nsam_epochs", "workers", "name"):
         if getattr(args, key) is not None:
