@@ -275,21 +275,6 @@ def run_study(cfg: StudyConfig, out_dir: str) -> dict[str, Any]:
 QUICK = dict(name="study_quick", seeds=2, epochs=1, nsam_epochs=1, trace_samples=256, max_steps_per_epoch=8, quick=True)
 
 
-def _grid_main(args: argparse.Namespace) -> int:
-    from .study_grid import load_grid, run_grid
-    from .study_plots import grid_markdown
-
-    try:
-        grid = load_grid(args.grid, args.grid_config, quick=args.quick, seeds=args.seeds)
-    except ValueError as err:
-        print(f"benchmarks.study: {err}", file=sys.stderr)
-        return 2
-    result = run_grid(grid, args.out)
-    print(grid_markdown(result))
-    print("wrote " + ", ".join(result["files"]))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.study``: the m-sharpness study, or a named grid with ``--grid``."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description="The m-sharpness accuracy study on the digits demo data.")
@@ -306,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-config", default=None, help="the grids' YAML (default benchmarks/configs/study_grids.yaml)")
     args = p.parse_args(argv)
     if args.grid is not None:
-        return _grid_main(args)
+        from .study_grid import grid_main
+
+        return grid_main(args.grid, args.grid_config, quick=args.quick, seeds=args.seeds, out=args.out)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     for key in ("seeds", "epochs", "nsam_epochs", "workers", "name"):
         if getattr(args, key) is not None:

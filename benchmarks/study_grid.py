@@ -28,7 +28,7 @@ import torch
 
 from .study_task import AXIS_USERS, VARIANTS, Task, resolve_m, train_run
 
-__all__ = ["GRIDS_FILE", "GridConfig", "load_grid", "cells", "summarize", "paired_differences", "run_grid"]
+__all__ = ["GRIDS_FILE", "GridConfig", "load_grid", "cells", "summarize", "paired_differences", "run_grid", "grid_main"]
 
 SCHEMA = "dist-sam-study-grid/1"
 GRIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study_grids.yaml")
@@ -254,3 +254,20 @@ def run_grid(grid: GridConfig, out_dir: str, *, figures: bool = True, log=print)
         files.append(stem + ".png")
     result["files"] = files
     return result
+
+
+def grid_main(name: str, path: str | None, *, quick: bool, seeds: int | None, out: str) -> int:
+    """``python -m benchmarks.study --grid NAME``: run the grid, print its table; 2 on a bad grid."""
+    import sys
+
+    from .study_plots import grid_markdown
+
+    try:
+        grid = load_grid(name, path, quick=quick, seeds=seeds)
+    except ValueError as err:
+        print(f"benchmarks.study: {err}", file=sys.stderr)
+        return 2
+    result = run_grid(grid, out)
+    print(grid_markdown(result))
+    print("wrote " + ", ".join(result["files"]))
+    return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
 from .plots import _pyplot
 
@@ -176,7 +177,8 @@ def grid_figure(result: dict, path: str) -> None:
         ax.legend(fontsize=7)
     if extra:
         _paired_panel(axes[0][-1], result)
-    fig.suptitle(f"{result['name']}: {result['config']['description']}"[:120], fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(f"{result['name']}: {result['config']['description']}",
+                                        int(17 * 5.2 * (n_main + extra)))), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

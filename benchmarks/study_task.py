@@ -117,7 +117,8 @@ def load_task_data(train_size: int, noise: float, noise_seed: int = 0) -> dict[s
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
     return dict(x_train=x[train_ids], y_train=torch.from_numpy(flip_labels(labels[train_ids], noise, noise_seed)),
                 y_train_clean=torch.from_numpy(labels[train_ids]), x_test=x[test_ids],
-                y_test=torch.from_numpy(labels[test_ids]), background=(0.0 - mean) / std)
+                y_test=torch.from_numpy(labels[test_ids]), background=(0.0 - mean) / std,
+                train_ids=torch.from_numpy(train_ids), test_ids=torch.from_numpy(test_ids))
 
 
 def _shift(x: torch.Tensor, background: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,9 @@ import math
 import os
 import subprocess
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import bench_ddp, config, gpu_check, harness, report, run, study
 
@@ -150,3 +152,128 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local"} <= set(result["throughput"]["ratios"])
     if dali.dali_available():
         assert result["dali"]["images"] > 0 and _number(result["dali"]["img_per_s"])
+
+
+# -- the study's named grids (benchmarks/study_grid.py) -----------------------------------------
+def _grid_quick(tmp_path, name: str, yaml_text: str | None = None) -> dict:
+    args = ["--grid", name, "--quick", "--out", str(tmp_path)]
+    if yaml_text is not None:
+        (tmp_path / "grids.yaml").write_text(yaml_text)
+        args += ["--grid-config", str(tmp_path / "grids.yaml")]
+    assert study.main(args) == 0
+    with open(tmp_path / f"study_{name}_quick.json") as fh:
+        return json.load(fh)
+
+
+def _check_paired(result: dict) -> None:
+    """The paired differences, recomputed from the per-seed runs (same seed, same baseline settings)."""
+    from benchmarks.study_task import AXIS_USERS
+
+    assert result["paired"]
+    for d in result["paired"]:
+        def acc(variant, params):
+            return {r["seed"]: r["test_acc"] for r in result["runs"]
+                    if r["variant"] == variant and r["params"] == params}
+        rw = acc(d["variant"], d["params"])
+        base = acc(d["baseline"], {k: v for k, v in d["params"].items() if d["baseline"] in AXIS_USERS[k]})
+        diffs = [rw[s] - base[s] for s in sorted(rw)]
+        assert d["seeds"] == sorted(rw) == sorted(base) and d["diffs"] == pytest.approx(diffs, abs=1e-12)
+        assert d["diff_mean"] == pytest.approx(float(np.mean(diffs)), abs=1e-12)
+        assert d["diff_se"] == pytest.approx(float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)), abs=1e-12)
+        assert d["wins"] == sum(x > 0 for x in diffs)
+
+
+@pytest.mark.parametrize("name", ["noise", "lam", "estimator", "m", "asam"])
+def test_study_grid_quick(tmp_path, name):
+    from benchmarks.study_grid import cells, load_grid
+    from benchmarks.study_task import AXIS_USERS
+
+    result = _grid_quick(tmp_path, name)
+    grid = load_grid(name, quick=True)
+    assert result["schema"] == "dist-sam-study-grid/1" and result["complete"] and result["config"]["quick"] is True
+    assert len(result["runs"]) == len(cells(grid)) * grid.seeds and all(r["finite"] for r in result["runs"])
+    for r in result["runs"]:  # each run carries exactly the axes that change its variant
+        assert set(r["params"]) == {k for k in grid.axes if r["variant"] in AXIS_USERS[k]}
+    assert [s["n"] for s in result["summary"]] == [grid.seeds] * len(cells(grid))
+    if grid.pairs:
+        _check_paired(result)
+    assert (tmp_path / f"study_{name}_quick.md").stat().st_size > 0 and (tmp_path / f"study_{name}_quick.png").stat().st_size > 0
+    b = grid.task["batch_size"] // 4
+    if name == "m":  # m = b/k, and the cost ratio is against the same run's SGD
+        assert sorted({r["m"] for r in result["runs"] if r["variant"] == "m-sam"}) == [b // 8, b]
+        sgd = np.mean([r["cpu_s_per_epoch"] for r in result["runs"] if r["variant"] == "sgd"])
+        for s in (s for s in result["summary"] if s["variant"] == "m-sam"):
+            cost = np.mean([r["cpu_s_per_epoch"] for r in result["runs"] if r["variant"] == "m-sam" and r["m"] == s["m"]])
+            assert s["cost_ratio_vs_sgd"] == pytest.approx(cost / sgd)
+    if name == "estimator":  # the probe compares the estimate with exact norms of the same samples
+        by = {s["params"].get("estimator"): s for s in result["summary"] if s["variant"] == "rwsam-local"}
+        assert by["exact"]["est_median_rel_error_mean"] < 1e-5 and by["exact"]["est_spearman_mean"] > 0.999
+        assert by["fd"]["est_median_rel_error_mean"] > 1e-3 and by["last_layer"]["est_median_rel_error_mean"] > 1e-3
+
+
+def test_study_grid_pairs_by_seed(tmp_path):
+    # lam = 0 is SAM bit for bit, so with the same seed (data, init, order, shifts) the difference is exactly 0
+    text = ("grids:\n  g:\n    variants: [sam-local, rwsam-local]\n    axes: {lam: [0.0, 2.0]}\n"
+            "    pairs: [[rwsam-local, sam-local]]\n"
+            "quick: {seeds: 2, train_size: 60, epochs: 2, batch_size: 16, width: 4, noise: 0.4}\n")
+    result = _grid_quick(tmp_path, "g", text)
+    _check_paired(result)
+    at0 = next(d for d in result["paired"] if d["params"] == {"lam": 0.0})
+    assert at0["diffs"] == [0.0, 0.0] and at0["ties"] == 2
+    rw = [r for r in result["runs"] if r["variant"] == "rwsam-local" and r["params"] == {"lam": 0.0}]
+    sam = [r for r in result["runs"] if r["variant"] == "sam-local"]
+    assert [r["train_acc"] for r in rw] == [r["train_acc"] for r in sam]
+    assert len({r["test_acc"] for r in sam}) == 2  # the seeds differ
+
+
+def test_study_grid_validation(tmp_path):
+    from benchmarks.study_grid import GridConfig, load_grid
+
+    with pytest.raises(ValueError, match=r"unknown grid 'bogus'; accepted: \['asam', 'estimator', 'lam', 'm', 'noise'\]"):
+        load_grid("bogus")
+    assert study.main(["--grid", "bogus", "--out", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="normalization.*'zcore'.*zscore"):
+        GridConfig(name="x", variants=("rwsam-local",), axes={"normalization": ["zcore"]})
+    with pytest.raises(ValueError, match="'b/3'"):
+        GridConfig(name="x", variants=("m-sam",), axes={"m": ["b/3"]})
+    with pytest.raises(ValueError, match="axis 'lam' needs"):
+        GridConfig(name="x", variants=("sgd", "sam-local"), axes={"lam": [0.5]})
+    with pytest.raises(ValueError, match="unknown task keys"):
+        GridConfig(name="x", variants=("sgd",), task={"epoch": 3})
+    with pytest.raises(ValueError, match="pair"):
+        GridConfig(name="x", variants=("sgd",), pairs=[["rwsam-local", "sgd"]])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grids:\n  g:\n    variants: [sgd]\n    bogus: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_grid("g", str(bad))
+
+
+def test_study_task_split_and_shifts():
+    from benchmarks.study_task import _shift, load_task_data
+
+    data = load_task_data(300, 0.4)
+    assert data["x_train"].shape == (300, 3, 8, 8) and data["x_test"].shape == (1497, 3, 8, 8)
+    assert torch.bincount(data["y_train_clean"], minlength=10).tolist() == [30] * 10
+    assert (data["y_train"] != data["y_train_clean"]).float().mean().item() == pytest.approx(0.4)
+    # train: from the demo's train split (i % 5 != 0); test: every other digit, the demo's validation included
+    train, test = set(data["train_ids"].tolist()), set(data["test_ids"].tolist())
+    assert not train & test and train | test == set(range(1797)) and all(i % 5 for i in train)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert data["y_test"].tolist() == digits.target[sorted(test)].tolist()
+    assert data["y_train_clean"].tolist() == digits.target[sorted(train)].tolist()
+    # the first 30 of each class in file order: no later image of a class is picked before an earlier one
+    pool = [i for i in range(1797) if i % 5]
+    for c in range(10):
+        of_c = [i for i in pool if digits.target[i] == c]
+        assert sorted(i for i in train if digits.target[i] == c) == of_c[:30]
+    x = torch.randn(32, 3, 8, 8)
+    out = _shift(x, torch.tensor(-9.0), torch.Generator().manual_seed(0))
+    shifts = set()
+    for i in range(32):
+        pad = torch.nn.functional.pad(x[i], (1, 1, 1, 1), value=-9.0)
+        match = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(out[i], pad[:, dy:dy + 8, dx:dx + 8])]
+        assert len(match) == 1
+        shifts.add(match[0])
+    assert len(shifts) > 4  # the shifts vary across samples
