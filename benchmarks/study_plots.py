@@ -144,14 +144,19 @@ def _estimator_panels(axes, result: dict) -> None:
         ax.set_ylabel(label)
 
 
+def _short(params: dict) -> str:
+    return ", ".join(f"{int(100 * v)}% noise" if k == "noise" else str(v) if k in ("normalization", "estimator")
+                     else f"{k} {v}" for k, v in params.items()) or "-"
+
+
 def _paired_panel(ax, result: dict) -> None:
     ds = [d for d in result["paired"] if d["diff_mean"] is not None]
-    labels = [_params(d["params"]) for d in ds]
+    labels = [_short(d["params"]) for d in ds]
     ax.errorbar([100 * d["diff_mean"] for d in ds], range(len(ds)), xerr=[100 * (d["diff_se"] or 0) for d in ds],
                 fmt="o", capsize=3)
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(range(len(ds)))
-    ax.set_yticklabels(labels, fontsize=6 if len(ds) > 12 else 8)
+    ax.set_yticklabels(labels, fontsize=7)
     pair = f"{ds[0]['variant']} − {ds[0]['baseline']}" if ds else "paired difference"
     ax.set_xlabel(f"{pair}, points (mean ± SE, {ds[0]['n'] if ds else 0} seeds)", fontsize=8)
 
@@ -163,7 +168,8 @@ def grid_figure(result: dict, path: str) -> None:
     noise_panels = max(1, len(axes_cfg.get("noise", [None]))) if ("lam" in axes_cfg or "m" in axes_cfg) else 1
     n_main = 2 if "estimator" in axes_cfg else noise_panels
     extra = 1 if result["paired"] else 0
-    fig, axes = plt.subplots(1, n_main + extra, figsize=(5.2 * (n_main + extra), 4.2), squeeze=False)
+    height = max(4.2, 0.2 * len(result["paired"]) + 1.2)
+    fig, axes = plt.subplots(1, n_main + extra, figsize=(5.2 * (n_main + extra), height), squeeze=False)
     main_axes = list(axes[0][:n_main])
     if "lam" in axes_cfg:
         _lam_panels(main_axes, result)
