@@ -38,7 +38,7 @@ def test_resume_is_bit_exact_world_size_2(straight, tmp_path):
     torchrun(["--config", cfg, "run.stop_at_step=2"])  # k = 2, mid-epoch
     torchrun(["--config", cfg])  # N - k more steps
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["finished"] and summary["resumed_from"].endswith("ckpt_000000002.pt")
+    assert summary["finished"] and summary["resumed_from"].endswith("step_000000002")
     assert_bit_equal(weights(reference), weights(out))
 
 
@@ -52,5 +52,5 @@ def test_worker_killed_mid_epoch_restarts_and_matches(straight, tmp_path):
                     env=worker_env(DIST_SAM_FAULT_AT_STEP="1:5"))
     assert "Signals.SIGKILL" in done.stderr or "SIGKILL" in done.stderr or "exitcode: -9" in done.stderr
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["finished"] and summary["resumed_from"].endswith("ckpt_000000004.pt")
+    assert summary["finished"] and summary["resumed_from"].endswith("step_000000004")
     assert_bit_equal(weights(reference), weights(out))

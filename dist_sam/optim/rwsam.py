@@ -135,6 +135,9 @@ class RWSAM(SAM):
         self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
+        #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
+        #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
+        self.groups_per_rank: int | None = None
 
     # -- hooks called by sam_step --------------------------------------------------------------
     @contextlib.contextmanager
@@ -188,14 +191,24 @@ class RWSAM(SAM):
         named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
         if self.estimator == "exact":
             return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
-        step = context.get("step", self.num_steps)
-        rank = context.get("rank", None)
-        seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
+        seed = self._direction_seed(context)
         autocast = context.get("autocast") or contextlib.nullcontext
         if self.mu is None:
             self._calibrate(module, loss_fn, x, y, losses, named, seed, autocast, rng_state)
         return fd_norms(module, loss_fn, x, y, losses, named, self.mu, seed=seed, num_directions=self.num_directions,
                         autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
+
+    def _direction_seed(self, context: dict) -> int:
+        """Directions per ``(rank, group)``, or per global group ``rank * c + group`` when
+        :attr:`groups_per_rank` is ``c`` (then the same samples get the same directions at any
+        world size that keeps the group size; with ``c = 1`` both numberings agree)."""
+        step = context.get("step", self.num_steps)
+        rank = context.get("rank", None)
+        rank = _current_rank() if rank is None else rank
+        group = context.get("group", 0)
+        if self.groups_per_rank is not None:
+            return direction_seed(self.seed, step, rank * self.groups_per_rank + group, 0)
+        return direction_seed(self.seed, step, rank, group)
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
