@@ -182,9 +182,7 @@ class Trainer(CheckpointMixin):
             if not any(h["epoch"] == self.epoch for h in self.history):
                 self.evaluate_epoch()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.save()
-            if self.epoch < self.cfg.run.epochs and self.stop.agreed(self.global_step, force=True):
-                return True  # a signal during evaluation: the epoch's checkpoint is written
+            self.save()  # a signal during evaluation stops the run after the next step
         return False
 
     @property
