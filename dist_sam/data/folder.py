@@ -192,6 +192,9 @@ class TorchvisionLoader(ShardedLoader):
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             worker_init_fn=ignore_stop_signals if self.num_workers else None,
+            # its own generator: starting an epoch (or resuming mid-epoch) never draws from the
+            # global RNG, whose streams (dropout) then resume exactly
+            generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 2)),
         )
         for images, labels, valid, failed in loader:
             failed_paths = {
