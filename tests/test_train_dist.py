@@ -113,22 +113,45 @@ def _max_param_diff(a: dict, b: dict, names) -> float:
     return max((a[n].double() - b[n].double()).abs().max().item() for n in names)
 
 
-PARAM_TOLERANCE = 1e-5  # fp32 reduction order over 6 steps; the measured values are printed (-s)
+PARAM_TOLERANCE = 1e-5  # fp32 reduction order over 6 steps; measured: 0.0 both ways (printed with -s)
+
+
+@pytest.fixture
+def one_thread():
+    """The in-process run at world size 1 uses one intra-op thread, as the torchrun workers do
+    (OMP_NUM_THREADS=1): with 2 threads its convolutions reduce in another order, and 6 SAM steps
+    amplify that to a max parameter difference of 4.4e-4 (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def straight_fixed_mu(straight, tmp_path_factory):
+    """The uninterrupted run at world size 2 with a fixed RW-SAM ``mu``: with ``mu: auto`` each rank
+    calibrates its own (here 1e-6 and 1e-5), and a merged worker can carry only one of them over."""
+    data, _ = straight
+    root = tmp_path_factory.mktemp("fixed_mu")
+    out = str(root / "straight")
+    torchrun(["--config", tiny_config(str(root / "c.yaml"), data, out, sam__mu=1e-5)])
+    return data, out
 
 
 @pytest.mark.parametrize("direction", ["2->1", "1->2"])
-def test_world_size_change_keeps_samples_and_matches_up_to_reduction_order(straight, tmp_path, direction):
-    data, reference = straight
+def test_world_size_change_keeps_samples_and_matches_up_to_reduction_order(straight_fixed_mu, tmp_path, direction,
+                                                                          one_thread):
+    data, reference = straight_fixed_mu
     out = str(tmp_path / "ws")
-    straight_mu = [r["optimizer"]["rwsam"]["mu"] for r in _ckpt(reference, 6)["per_rank"]]
-    assert straight_mu[0] == straight_mu[1]  # so that carrying rank 0's mu over to both groups is exact here
     if direction == "2->1":  # 2 workers of 8, then 1 worker of 16 in 2 chunks of 8 (m = 8)
-        cfg = tiny_config(str(tmp_path / "c.yaml"), data, out)
+        cfg = tiny_config(str(tmp_path / "c.yaml"), data, out, sam__mu=1e-5)
         torchrun(["--config", cfg, "run.stop_at_step=2"])
         assert cli.main(["--config", cfg]) == 0
         expect = {"world_size": 1, "batch_size": 16, "accumulation_steps": 2}
     else:  # 1 worker of 16 in 2 chunks, then 2 workers of 8
-        cfg = tiny_config(str(tmp_path / "c.yaml"), data, out, data__batch_size=16, optim__accumulation_steps=2)
+        cfg = tiny_config(str(tmp_path / "c.yaml"), data, out, sam__mu=1e-5, data__batch_size=16,
+                          optim__accumulation_steps=2)
         assert cli.main(["--config", cfg, "run.stop_at_step=2"]) == 0
         torchrun(["--config", cfg])
         expect = {"world_size": 2, "batch_size": 8, "accumulation_steps": 1}
@@ -139,7 +162,6 @@ def test_world_size_change_keeps_samples_and_matches_up_to_reduction_order(strai
     diff = _max_param_diff(a, b, params)
     print(f"\n{direction}: max |w_straight - w_resized| over parameters = {diff:.3g}")
     assert diff <= PARAM_TOLERANCE
-    assert any(not torch.equal(a[n], b[n]) for n in params) or diff == 0.0
 
 
 def test_world_size_change_refused_when_no_plan_keeps_the_group_size(straight, tmp_path):
@@ -151,4 +173,4 @@ def test_world_size_change_refused_when_no_plan_keeps_the_group_size(straight, t
                            "--config", cfg], env=worker_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert done.returncode != 0
     assert "world size 3 cannot keep both" in done.stderr and "among 1, 2" in done.stderr
-    assert "Traceback" not in done.stderr.split("torch.distributed.elastic")[0]
+    assert "dist_sam/" not in done.stderr  # no traceback through our code on any rank (torchrun prints its own)
