@@ -22,8 +22,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..distributed.collectives import rank as _current_rank
-from ..distributed.ddp import unwrap
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -35,6 +33,18 @@ ESTIMATORS = ("fd", "exact", "last_layer")
 NORMALIZATIONS = ("zscore", "mean", "none")
 _EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 logger = logging.getLogger("dist_sam")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a data-parallel wrapper (DDP, a DeepSpeed engine), by its ``module``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _current_rank() -> int:
+    from ..distributed.collectives import rank  # only for by-hand use: sam_step passes the rank
+
+    return rank()
 
 
 def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
@@ -148,7 +158,7 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(unwrap(model))
+        layer = self._final_linear(_unwrap(model))
 
         def hook(mod, inputs, output):
             self._captured = (inputs[0].detach(), output.detach(), mod)
@@ -205,6 +215,7 @@ class RWSAM(SAM):
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
         index = {id(p): i for i, p in enumerate(params)}
+        self._backup_is_w = False  # the estimator writes w + mu·v into it
         return {n: self._backup[index[id(p)]] for n, p in named.items()}
 
     def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
@@ -222,7 +233,7 @@ class RWSAM(SAM):
     def _require(context: dict) -> tuple:
         module = context.get("module")
         if module is None and context.get("model") is not None:
-            module = unwrap(context["model"])
+            module = _unwrap(context["model"])
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]
