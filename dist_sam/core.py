@@ -80,6 +80,13 @@ class StepEngine:
         """Backward of ``objective``; return ``(params, grads)`` with ``.grad`` left as it was."""
         raise NotImplementedError
 
+    def check(self, optimizer: SAM) -> None:
+        """Raise ``ValueError`` for an optimizer this engine cannot drive (before any work)."""
+
+    def loss_context(self) -> dict[str, Any]:
+        """Extra context for ``optimizer.ascent_loss`` (e.g. which tensors RW-SAM's estimators use)."""
+        return {}
+
     def norm(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """``||g||`` over every tensor this rank perturbs with (float32 or wider)."""
         return global_norm(list(grads))
@@ -170,7 +177,7 @@ def sam_passes(
     inv_scale = None if scale is None else 1.0 / scale(torch.ones((), device=inputs.device))
     scale = scale or (lambda t: t)
     base_context = dict(model=engine.model, module=engine.module, loss_fn=loss_fn, autocast=autocast,
-                        step=optimizer.num_steps, **(context or {}))
+                        step=optimizer.num_steps, **engine.loss_context(), **(context or {}))
     losses_at_w = []
     for j, (x, y) in enumerate(zip(inputs.chunk(num_groups), targets.chunk(num_groups))):
         last = j == num_groups - 1

@@ -116,11 +116,13 @@ def sam_step(
     ascent_data: Iterable | None = None,
     autocast_dtype: torch.dtype | None = None,
     freeze_bn: bool = True,
+    fsdp_memory: str | None = None,
 ) -> torch.Tensor:
     """Run one full SAM step and return the mean loss at ``w`` (detached, no host sync).
 
     Args:
-        model: the model, plain or ``DistributedDataParallel``-wrapped.
+        model: the model: plain, ``DistributedDataParallel``-wrapped, or sharded with FSDP2's
+            ``fully_shard`` (root and nested units; the optimizer on ``model.parameters()``).
         optimizer: a :class:`dist_sam.SAM` (any variant, RW-SAM included).
         loss_fn: ``loss_fn(outputs, targets)`` returning **per-sample** losses of shape ``(b,)``,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``; RW-SAM weights them.
@@ -135,12 +137,17 @@ def sam_step(
         ascent_data: the dataset/loader whose mean gradient perturbs in ``full`` mode.
         autocast_dtype: run the forwards under ``torch.autocast`` with this dtype (e.g. bf16).
         freeze_bn: keep BatchNorm running statistics as the ascent forward left them.
+        fsdp_memory: FSDP2 models only: ``"resident"`` (default: the perturbed unsharded copies
+            stay resident from ascent to descent; one all-gather per step) or ``"lean"`` (the
+            ascent gradient is stashed and added after each unit's all-gather: one all-gather
+            more, about one full-size buffer less); see :mod:`dist_sam.distributed.fsdp`.
 
     Returns:
         The mean per-sample loss at the unperturbed weights ``w``.
     """
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
-    engine = engine_for(model, scaler=scaler, ascent=ascent)
+    engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
+    engine.check(optimizer)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
                          accumulation_steps=accumulation_steps, autocast_dtype=autocast_dtype)

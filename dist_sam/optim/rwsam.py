@@ -194,8 +194,11 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
-        ids = {id(p) for p in self.params}
-        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+        if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
+            named = context["named_params"]()
+        else:
+            ids = {id(p) for p in self.params}
+            named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
         if self.estimator == "exact":
             return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
         step = context.get("step", self.num_steps)
@@ -209,12 +212,12 @@ class RWSAM(SAM):
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
-        if self.is_perturbed:
-            return None
         params = self.params
+        index = {id(p): i for i, p in enumerate(params)}
+        if self.is_perturbed or not all(id(p) in index for p in named.values()):
+            return None  # perturbed, or a sharded engine's copies: the estimator allocates its own
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
-        index = {id(p): i for i, p in enumerate(params)}
         self._backup_is_w = False  # the estimator writes w + mu·v into it
         return {n: self._backup[index[id(p)]] for n, p in named.items()}
 

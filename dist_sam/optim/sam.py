@@ -155,9 +155,11 @@ class SAM(torch.optim.Optimizer):
 
     def compute_perturbation(
         self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], *,
-        inplace: bool = False, grad_norm: torch.Tensor | None = None,
+        inplace: bool = False, grad_norm: torch.Tensor | None = None, norm_fn=None,
     ) -> list[torch.Tensor]:
         """The rule of this variant (SPEC.md §1), one global norm across all param groups.
+
+        ``norm_fn`` replaces the global norm (a sharded engine's, across shards).
 
         ``rho`` and ``eta`` may differ per param group (a rho schedule works like an LR
         schedule); ``adaptive`` and ``normalize`` are optimizer-wide.
@@ -171,6 +173,7 @@ class SAM(torch.optim.Optimizer):
             normalize=self.defaults["normalize"],
             inplace=inplace,
             grad_norm=grad_norm,
+            **({} if norm_fn is None else {"norm_fn": norm_fn}),
         )
 
     def _group_of_params(self) -> list[dict]:
