@@ -30,3 +30,16 @@ def test_quick_fsdp_benchmark_writes_json_and_plot(tmp_path):
     assert rows["ddp-sam-local"]["bytes"]["all_reduce"] == rows["ddp-sgd"]["bytes"]["all_reduce"]
     assert result["checks"]["sam_local_bytes_ok"] is True
     assert all(r["step_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_gpu_check_fsdp_section_dry_run_on_cpu(tmp_path):
+    """The GPU check's FSDP2 section runs the same code on CPU (gloo): bf16 parameters with float32
+    BatchNorm units, and lean gives the resident mode's weights (same arithmetic)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks.fsdp", "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "fsdp_gpu_check.json").read_text())
+    assert result["ok"] and result["lean_vs_resident_max_rel_diff"] < 1e-6
+    for mode in ("resident", "lean"):
+        assert result["modes"][mode]["finite"] and result["modes"][mode]["moved"]

@@ -27,7 +27,8 @@ def shard(model: nn.Module, *, param_dtype: torch.dtype | None = None, reshard_a
     Args:
         model: the module, on its device, before the optimizer is built.
         param_dtype: compute dtype of the all-gathered parameters (e.g. ``torch.bfloat16``), with
-            gradients reduced in float32; ``None`` keeps the parameters' dtype.
+            gradients reduced in float32; ``None`` keeps the parameters' dtype. BatchNorm layers
+            then become float32 units of their own.
         reshard_after_forward: FSDP2's own setting for the non-root units.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -35,6 +36,12 @@ def shard(model: nn.Module, *, param_dtype: torch.dtype | None = None, reshard_a
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # BatchNorm keeps float32 parameters (its running statistics are float32 buffers): its own
+        # unit computes in float32 and hands param_dtype on.
+        bn_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()):
+                fully_shard(m, reshard_after_forward=reshard_after_forward, mp_policy=bn_policy)
     for unit in fsdp_units(model):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
