@@ -36,6 +36,7 @@ def test_straight_run_summary(straight):
     comm = summary["comm_per_step"]
     assert comm["allreduce_calls_per_step"] == 1.0  # local ascent: one all-reduce per step, as SGD
     assert comm["allreduce_bytes_per_step"] > 0
+    assert comm["stop_flag_allreduces_per_step"] == 1.0  # the stop agreement: one scalar, outside the hook
     assert summary["history"][-1]["num_samples"] == 20  # each val image counted once across ranks
 
 
