@@ -3,8 +3,9 @@
 Everything but ``per_rank`` is the same on every rank; ``per_rank`` (the RNG states and RW-SAM's
 calibrated ``mu``) is gathered to rank 0 as a list indexed by rank. A resumed rank takes the entry
 of its *current* rank (torchrun and SLURM may reassign ranks), or, after a change of world size
-(:mod:`dist_sam.train.plan`), RW-SAM's ``mu`` of the saved rank that read its first samples and the
-RNG state of its own rank number where that rank existed (a fresh seed otherwise).
+(:mod:`dist_sam.train.plan`), for each ascent group it now reads RW-SAM's ``mu`` calibrated by the
+saved rank that read that group (``RWSAM.group_mu`` when they differ), and the RNG state of its own
+rank number where that rank existed (a fresh seed otherwise).
 
 The DDP writer is :func:`dist_sam.checkpoint.save_checkpoint` on rank 0 followed by a barrier, so
 no rank goes on (or exits, on preemption) before the step directory is committed. A sharded
@@ -20,6 +21,7 @@ from typing import Any
 from ..checkpoint import CheckpointError, save_checkpoint
 from ..distributed import barrier
 from .config import to_dict
+from ..optim.rwsam import RWSAM
 from .plan import BatchPlan, source_rank
 from .state import CHECKPOINT_VERSION, RANK_LOCAL_OPTIMIZER_KEYS, gather, rng_state, set_rng_state
 
@@ -81,19 +83,29 @@ class CheckpointMixin:
         mu_from = state["per_rank"][source_rank(saved, self.plan, rank)]
         self.optimizer.load_state_dict({**state["optimizer"], **mu_from["optimizer"]})
         if saved.world_size != self.plan.world_size:
-            self._log_replan(state, saved, mine is None)
+            self._carry_mu(state, saved)
+            self._log_replan(saved, mine is None)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.restore_position(state, mine, self.resumed_from)
 
-    def _log_replan(self, state: dict[str, Any], saved: BatchPlan, fresh_rng: bool) -> None:
+    def _carry_mu(self, state: dict[str, Any], saved: BatchPlan) -> None:
+        """RW-SAM ``mu="auto"``: each global ascent group this rank now reads keeps the ``mu`` its rank calibrated."""
+        if not isinstance(self.optimizer, RWSAM) or not self.optimizer.auto_mu:
+            return
+        c_old, c_new, rank = saved.groups_per_rank(self.cfg), self.plan.groups_per_rank(self.cfg), self.env.rank
+        mus = {}
+        for g in range(rank * c_new, (rank + 1) * c_new):
+            entry = state["per_rank"][g // c_old]["optimizer"].get("rwsam", {})
+            mus[g] = entry.get("group_mu", {}).get(g, entry.get("mu"))
+        if None in mus.values():
+            return  # not calibrated yet: it calibrates on its next batch
+        self.optimizer.mu = mus[rank * c_new]
+        self.optimizer.group_mu = mus if len(set(mus.values())) > 1 else {}
+
+    def _log_replan(self, saved: BatchPlan, fresh_rng: bool) -> None:
         plan, rank = self.plan, self.env.rank
-        first, last = source_rank(saved, plan, rank), source_rank(saved, plan, rank) + max(1, plan.batch_size // saved.batch_size)
-        mus = {r: state["per_rank"][r]["optimizer"].get("rwsam", {}).get("mu") for r in range(first, last)}
-        if len(set(mus.values())) > 1:
-            log.warning("rank %d now reads the samples of saved ranks %s, whose RW-SAM mu differ (%s); using rank %d's",
-                        rank, list(mus), mus, first)
         if fresh_rng:
             log.warning("rank %d did not exist at world size %d: its RNG streams (dropout) start fresh", rank,
                         saved.world_size)
