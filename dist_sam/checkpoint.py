@@ -186,8 +186,6 @@ def save_checkpoint(state: Mapping[str, Any], directory: str, *, step: int, keep
                     required: Iterable[str] = (), finite: Iterable[str] = ("model",),
                     meta: Mapping[str, Any] | None = None) -> str:
     """One writer: ``state`` as ``step_<step>/state.pt`` plus its manifest, atomically; returns the directory."""
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
     staging = begin_checkpoint(directory, step)
     try:
         record = write_file(staging, PAYLOAD, dict(state))

@@ -246,3 +246,19 @@ def test_sbatch_does_not_requeue_without_a_signal(tmp_path):
     (tmp_path / "bin" / "srun").write_text('#!/usr/bin/env bash\necho "srun $*" >> "$FAKE_LOG"\nexit 3\n')
     done = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch")], env=env, capture_output=True, timeout=30)
     assert done.returncode == 3 and "requeue" not in log.read_text()
+
+
+def test_sigterm_to_the_process_group_spares_the_data_workers(tiny_data, tmp_path):
+    """torchrun signals a worker's whole process group: the DataLoader processes must not die with it,
+    since the trainer reads on until the next agreement (every 5 steps here), then stops, exit 75."""
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, sam__all=None, data__num_workers=1,
+                      checkpoint__signal_check_every=5, checkpoint__every_steps=0)
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "DIST_SAM_SIGNAL_AT_STEP": "0:1:SIGTERM:group"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"), "--config", cfg], env=env,
+                          capture_output=True, text=True, timeout=240, start_new_session=True)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert "caught SIGTERM" in done.stderr and "DataLoader worker" not in done.stderr
+    assert [os.path.basename(p) for p in list_checkpoints(os.path.join(out, "checkpoints"))] == ["step_000000005"]

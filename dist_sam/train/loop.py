@@ -44,7 +44,8 @@ __all__ = ["Trainer"]
 
 log = logging.getLogger("dist_sam.train")
 #: Testing aids, first attempt only: "rank:step" makes that rank SIGKILL itself after that step;
-#: "rank:step:SIGNAL" makes it send itself SIGNAL when that step's batch is in hand (the step in flight).
+#: "rank:step:SIGNAL" makes it send itself SIGNAL when that step's batch is in hand (the step in
+#: flight), "rank:step:SIGNAL:group" to its whole process group (data-loading workers too), as torchrun does.
 FAULT_ENV = "DIST_SAM_FAULT_AT_STEP"
 SIGNAL_ENV = "DIST_SAM_SIGNAL_AT_STEP"
 
@@ -61,8 +62,11 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
 
 def _maybe_send_signal(rank: int, step: int) -> None:
     spec = os.environ.get(SIGNAL_ENV, "").split(":")
-    if len(spec) == 3 and _first_attempt() and spec[:2] == [str(rank), str(step)]:
-        os.kill(os.getpid(), getattr(signal, spec[2]))
+    if len(spec) in (3, 4) and _first_attempt() and spec[:2] == [str(rank), str(step)]:
+        if spec[3:] == ["group"]:
+            os.killpg(os.getpgid(0), getattr(signal, spec[2]))
+        else:
+            os.kill(os.getpid(), getattr(signal, spec[2]))
 
 
 def _stop_device() -> torch.device:
