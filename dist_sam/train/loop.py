@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from .config import TrainConfig, dump_yaml, to_dict
 from .metrics import Scalars, StepTimer, evaluate
 from .models import build_model
 from .plan import BatchPlan, initial_plan, replan
-from .preempt import StopSignal
+from .preempt import StopSignal, maybe_inject_fault, maybe_send_signal
 from .resume import find_checkpoint
 from .saving import CheckpointMixin
 from .schedule import warmup_cosine
@@ -43,32 +42,6 @@ from .steps import AUTOCAST_DTYPES, build_optimizer, train_step
 __all__ = ["Trainer"]
 
 log = logging.getLogger("dist_sam.train")
-#: Testing aids, first attempt only: "rank:step" makes that rank SIGKILL itself after that step;
-#: "rank:step:SIGNAL" makes it send itself SIGNAL when that step's batch is in hand (the step in
-#: flight), "rank:step:SIGNAL:group" to its whole process group (data-loading workers too), as torchrun does.
-FAULT_ENV = "DIST_SAM_FAULT_AT_STEP"
-SIGNAL_ENV = "DIST_SAM_SIGNAL_AT_STEP"
-
-
-def _first_attempt() -> bool:
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-
-
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and _first_attempt() and spec == f"{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _maybe_send_signal(rank: int, step: int) -> None:
-    spec = os.environ.get(SIGNAL_ENV, "").split(":")
-    if len(spec) in (3, 4) and _first_attempt() and spec[:2] == [str(rank), str(step)]:
-        if spec[3:] == ["group"]:
-            os.killpg(os.getpgid(0), getattr(signal, spec[2]))
-        else:
-            os.kill(os.getpid(), getattr(signal, spec[2]))
-
-
 def _stop_device() -> torch.device:
     """Where the stop flag is all-reduced: the CUDA device under NCCL, else the CPU."""
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
@@ -217,14 +190,14 @@ class Trainer(CheckpointMixin):
                 if batch is None:
                     return False
                 images, labels, _ = batch  # padding repeats train like DistributedSampler's; eval masks them
-                _maybe_send_signal(self.env.rank, self.global_step + 1)
+                maybe_send_signal(self.env.rank, self.global_step + 1)
                 with self.timer("step"):
                     loss = self.step(images, labels)
                 self.global_step, self.step_in_epoch = self.global_step + 1, self.step_in_epoch + 1
                 self.session_steps += 1
                 self.session_images += images.shape[0] * self.env.world_size
                 bar.update(1)
-                _maybe_inject_fault(self.env.rank, self.global_step)
+                maybe_inject_fault(self.env.rank, self.global_step)
                 if self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == len(loader):
                     self._log_step(loss.item(), bar, time.perf_counter() - start)
                 if self.after_step():

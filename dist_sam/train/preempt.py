@@ -11,16 +11,44 @@ as a failure and restarts the workers (``--max-restarts``), ``launch/slurm.sbatc
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopSignal", "PREEMPTED_EXIT"]
+__all__ = ["StopSignal", "PREEMPTED_EXIT", "maybe_inject_fault", "maybe_send_signal", "FAULT_ENV", "SIGNAL_ENV"]
 
 PREEMPTED_EXIT = 75
 log = logging.getLogger("dist_sam.train")
+
+#: Testing aids, first attempt only: "rank:step" makes that rank SIGKILL itself after that step;
+#: "rank:step:SIGNAL" makes it send itself SIGNAL when that step's batch is in hand (the step in
+#: flight), "rank:step:SIGNAL:group" to its whole process group (data-loading workers too), as torchrun does.
+FAULT_ENV = "DIST_SAM_FAULT_AT_STEP"
+SIGNAL_ENV = "DIST_SAM_SIGNAL_AT_STEP"
+
+
+def _first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    """Testing aid (:data:`FAULT_ENV`): SIGKILL this process after ``step`` on ``rank``."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and _first_attempt() and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_send_signal(rank: int, step: int) -> None:
+    """Testing aid (:data:`SIGNAL_ENV`): send a signal while ``step`` is in flight on ``rank``."""
+    spec = os.environ.get(SIGNAL_ENV, "").split(":")
+    if len(spec) in (3, 4) and _first_attempt() and spec[:2] == [str(rank), str(step)]:
+        if spec[3:] == ["group"]:
+            os.killpg(os.getpgid(0), getattr(signal, spec[2]))
+        else:
+            os.kill(os.getpid(), getattr(signal, spec[2]))
 class StopSignal:
     """Catch ``names`` (``["SIGTERM", "SIGUSR1"]``) and agree across ranks on when to stop.
 
