@@ -167,3 +167,41 @@ def test_world_size_change_refused_when_no_plan_keeps_the_group_size(straight, t
     assert done.returncode != 0
     assert "world size 3 cannot keep both" in done.stderr and "among 1, 2" in done.stderr
     assert "dist_sam/" not in done.stderr  # no traceback through our code on any rank (torchrun prints its own)
+
+
+def _resume_with_damage_on_rank1(rank, world_size, tree, bad, explicit):
+    """Rank 1 alone cannot read ``bad`` (a node with a stale or broken mount); both ranks decide."""
+    from dist_sam.checkpoint import CheckpointError, DamagedCheckpointError
+    from dist_sam.train import resume
+    from dist_sam.train.config import TrainConfig
+
+    if rank == 1:
+        real = resume.load_checkpoint
+
+        def load(path, **kwargs):
+            if path == bad:
+                raise DamagedCheckpointError(path, "unreadable on this node")
+            return real(path, **kwargs)
+
+        resume.load_checkpoint = load
+    cfg = TrainConfig.from_dict({**tree, "checkpoint": {**tree["checkpoint"], "resume": bad if explicit else "auto"}})
+    try:
+        return resume.find_checkpoint(cfg)[0]
+    except CheckpointError as err:
+        return f"refused: {err}"
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_checkpoint_one_rank_cannot_read_is_skipped_or_refused_by_every_rank(tmp_path, explicit):
+    from dist_sam.checkpoint import save_checkpoint
+    from dist_sam.train.config import load_config, to_dict
+    from dist_utils import run_distributed
+
+    tree = to_dict(load_config(None, [f"data.root={tmp_path}", f"checkpoint.dir={tmp_path / 'ckpt'}"]))
+    paths = [save_checkpoint({"model": {"w": torch.ones(2) * s}, "config": tree}, str(tmp_path / "ckpt"), step=s)
+             for s in (1, 2)]
+    got = run_distributed(_resume_with_damage_on_rank1, 2, args=(tree, paths[-1], explicit))
+    if explicit:
+        assert got[0] == got[1] and got[0].startswith("refused:") and "unreadable on this node (on rank 1)" in got[0]
+    else:
+        assert got == [paths[0], paths[0]]  # rank 0 could read the newest, but nobody takes it
