@@ -65,8 +65,6 @@ class Trainer(CheckpointMixin):
         self.cfg, self.env, self.primary = cfg, env, env.rank == 0
         seed_everything(cfg.run.seed, env.rank, cfg.run.deterministic)
         self.stop = StopSignal(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, _stop_device())
-        if threading.current_thread() is threading.main_thread():
-            self.stop.install()
         self.resumed_from, self._loaded = self.find_checkpoint()
         self.plan = self.batch_plan(self._loaded)
         data_cfg = dataclasses.replace(cfg.data, batch_size=self.plan.batch_size)
@@ -136,6 +134,8 @@ class Trainer(CheckpointMixin):
     def run(self) -> dict[str, Any]:
         """Train to ``run.epochs`` (or ``run.stop_at_step``, or a stop signal), evaluating each epoch;
         return the summary."""
+        if threading.current_thread() is threading.main_thread():
+            self.stop.install()  # until then a signal has its default action: no step to finish yet
         try:
             self.resume()
             if self.primary:
