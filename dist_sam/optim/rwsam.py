@@ -22,8 +22,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..distributed.collectives import rank as _current_rank
-from ..distributed.ddp import unwrap
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -35,6 +33,18 @@ ESTIMATORS = ("fd", "exact", "last_layer")
 NORMALIZATIONS = ("zscore", "mean", "none")
 _EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 logger = logging.getLogger("dist_sam")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a data-parallel wrapper (DDP, a DeepSpeed engine), by its ``module``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _current_rank() -> int:
+    from ..distributed.collectives import rank  # only for by-hand use: sam_step passes the rank
+
+    return rank()
 
 
 def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
@@ -135,6 +145,12 @@ class RWSAM(SAM):
         self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
+        #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
+        #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
+        self.groups_per_rank: int | None = None
+        #: ``{global group: mu}`` overriding :attr:`mu` for those groups (with :attr:`groups_per_rank`):
+        #: a worker that took over groups whose ranks calibrated different ``mu`` keeps each one.
+        self.group_mu: dict[int, float] = {}
 
     # -- hooks called by sam_step --------------------------------------------------------------
     @contextlib.contextmanager
@@ -148,7 +164,7 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(unwrap(model))
+        layer = self._final_linear(_unwrap(model))
 
         def hook(mod, inputs, output):
             self._captured = (inputs[0].detach(), output.detach(), mod)
@@ -184,27 +200,47 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
-        ids = {id(p) for p in self.params}
-        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+        if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
+            named = context["named_params"]()
+        else:
+            ids = {id(p) for p in self.params}
+            named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
         if self.estimator == "exact":
             return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
-        step = context.get("step", self.num_steps)
-        rank = context.get("rank", None)
-        seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
+        seed = self._direction_seed(context)
         autocast = context.get("autocast") or contextlib.nullcontext
         if self.mu is None:
             self._calibrate(module, loss_fn, x, y, losses, named, seed, autocast, rng_state)
-        return fd_norms(module, loss_fn, x, y, losses, named, self.mu, seed=seed, num_directions=self.num_directions,
+        mu = self.group_mu.get(self._global_group(context), self.mu) if self.group_mu else self.mu
+        return fd_norms(module, loss_fn, x, y, losses, named, mu, seed=seed, num_directions=self.num_directions,
                         autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
+
+    def _global_group(self, context: dict) -> int | None:
+        """``rank * c + group`` when :attr:`groups_per_rank` is ``c``, else ``None``."""
+        if self.groups_per_rank is None:
+            return None
+        rank = context.get("rank", None)
+        return (_current_rank() if rank is None else rank) * self.groups_per_rank + context.get("group", 0)
+
+    def _direction_seed(self, context: dict) -> int:
+        """Directions per ``(rank, group)``, or per global group ``rank * c + group`` when
+        :attr:`groups_per_rank` is ``c`` (then the same samples get the same directions at any
+        world size that keeps the group size; with ``c = 1`` both numberings agree)."""
+        step = context.get("step", self.num_steps)
+        if self.groups_per_rank is not None:
+            return direction_seed(self.seed, step, self._global_group(context), 0)
+        rank = context.get("rank", None)
+        return direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
-        if self.is_perturbed:
-            return None
         params = self.params
+        index = {id(p): i for i, p in enumerate(params)}
+        if self.is_perturbed or not all(id(p) in index for p in named.values()):
+            return None  # perturbed, or a sharded engine's copies: the estimator allocates its own
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
-        index = {id(p): i for i, p in enumerate(params)}
+        self._backup_is_w = False  # the estimator writes w + mu·v into it
         return {n: self._backup[index[id(p)]] for n, p in named.items()}
 
     def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
@@ -222,7 +258,7 @@ class RWSAM(SAM):
     def _require(context: dict) -> tuple:
         module = context.get("module")
         if module is None and context.get("model") is not None:
-            module = unwrap(context["model"])
+            module = _unwrap(context["model"])
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]
@@ -281,9 +317,12 @@ class RWSAM(SAM):
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """SAM's state dict plus ``{"rwsam": {"mu": ...}}`` (the calibrated ``mu``, or ``None``)."""
+        """SAM's state dict plus ``{"rwsam": {"mu": ...}}`` (the calibrated ``mu``, or ``None``), and
+        ``"group_mu"`` there when :attr:`group_mu` is set."""
         state = super().state_dict()
         state["rwsam"] = {"mu": self.mu}
+        if self.group_mu:
+            state["rwsam"]["group_mu"] = dict(self.group_mu)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,6 +332,8 @@ class RWSAM(SAM):
         super().load_state_dict(state_dict)
         if self.auto_mu and saved.get("mu") is not None:
             self.mu = float(saved["mu"])
+        if self.auto_mu:
+            self.group_mu = {int(g): float(m) for g, m in saved.get("group_mu", {}).items()}
 
     def __repr__(self) -> str:
         mu = "auto" if self.auto_mu and self.mu is None else self.mu
