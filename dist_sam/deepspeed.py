@@ -24,6 +24,7 @@ with a never-stepped ``SGD(lr=0)`` base supplies ``perturb``/``restore`` and RW-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -36,7 +37,8 @@ from torch import nn
 
 from .bn import frozen_running_stats
 from .config import SamConfig
-from .distributed import collectives
+from .distributed import collectives, ds_fp16
+from .distributed.zero3 import Zero3Perturbation
 from .optim.rules import global_norm
 from .step import per_sample_losses
 
@@ -86,19 +88,11 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
                          '"rho": 0.05} (or use deepspeed.initialize for plain training)')
     sam = SamConfig.from_dict(config["sam"])
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(
-            f"zero_optimization.stage={stage!r} is not supported with a sam section (accepted: 0, 1, 2): ZeRO-3 "
-            "partitions the parameters themselves, so the local ascent gradient and the in-place perturbation "
-            "would have to gather every parameter on every rank; use ZeRO-2, which shards gradients and states")
-    autocast = config.get("torch_autocast")
-    fp16 = _enabled(config.get("fp16")) or _enabled(config.get("amp")) or (
-        _enabled(autocast) and str(autocast.get("dtype", "")) in _FP16_NAMES)
-    if fp16:
-        raise ValueError(
-            "fp16 (loss-scaled) training is refused with a sam section: DeepSpeed 0.19.8's fp16 loss scaling is "
-            "suspected to mis-scale the update (seen in a CPU simulation of ZeRO-0) and is not yet verified on a "
-            'GPU; use "bf16": {"enabled": true} or fp32')
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r} is not a ZeRO stage (accepted: 0, 1, 2, 3)")
+    if stage == 3:
+        _check_zero3(sam)
+    _check_precision(config)
     if sam.ascent == "full":
         raise ValueError("sam.ascent='full' (n-SAM, benchmarks only) is not supported under DeepSpeed; accepted: "
                          "'local', 'micro', 'global' (use dist_sam.sam_step for 'full')")
@@ -106,6 +100,28 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
     if sam.ascent == "micro" and micro is not None:
         _check_micro(sam, micro)
     return sam
+
+
+def _check_zero3(sam: SamConfig) -> None:
+    """ZeRO-3: device-local ascent on the gathered parameters (dist_sam.distributed.zero3)."""
+    if sam.ascent != "local":
+        raise ValueError(f"sam.ascent={sam.ascent!r} is not supported under zero_optimization.stage=3 (accepted: "
+                         "'local'; m-SAM and the global ascent need whole parameters outside a forward)")
+    if sam.is_adaptive:
+        raise ValueError(f"sam.variant={sam.variant!r} / sam.adaptive=true is not supported under "
+                         "zero_optimization.stage=3: ASAM's |w| needs whole parameters (accepted: sam, usam, rwsam)")
+    ds_fp16.check_version("zero_optimization.stage=3")
+
+
+def _check_precision(config: dict) -> None:
+    """fp16 through DeepSpeed's own loss scaler (``"fp16": {"enabled": true}``); amp and fp16 autocast refused."""
+    autocast = config.get("torch_autocast")
+    if _enabled(config.get("amp")) or (_enabled(autocast) and str(autocast.get("dtype", "")) in _FP16_NAMES):
+        raise ValueError(
+            'amp / torch_autocast with an fp16 dtype is not supported with a sam section (accepted: "fp16": '
+            '{"enabled": true}, which uses DeepSpeed\'s own loss scaler, "bf16": {"enabled": true}, or fp32)')
+    if _enabled(config.get("fp16")):
+        ds_fp16.check_version('"fp16": {"enabled": true}')
 
 
 def _micro_batch(config: dict, world_size: int | None) -> int | None:
@@ -184,6 +200,8 @@ class SAMEngine:
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
         self._check_finite = self._arm_fp32_overflow_check()
+        # ZeRO-3: e lives on the gathered parameters (hooks); None under ZeRO 0-2 (sam.perturb)
+        self._zero3 = Zero3Perturbation(self.module) if engine.zero_optimization_stage() == 3 else None
 
     def _arm_fp32_overflow_check(self) -> bool:
         """Non-finite gradients never reach the weights, in fp32 too.
@@ -240,7 +258,7 @@ class SAMEngine:
             loss = self._sam_passes(inputs, targets, c)
         else:  # `interval` makes this a plain base step
             loss = per_sample_losses(self.loss_fn, self.engine(inputs), targets, b).mean()
-            self.engine.backward(loss)
+            self._backward(loss)
             loss = loss.detach().float()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self._check_finite:
@@ -263,7 +281,7 @@ class SAMEngine:
             # A non-finite ascent gradient poisons this rank's descent loss; the reduction carries
             # the NaN to every rank, and DeepSpeed's overflow check (bf16) skips the step on all.
             poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, math.nan)
-            self.sam.perturb(g)
+            self._perturb(g)
             try:
                 with frozen_running_stats(self.module):
                     if j < c - 1:
@@ -271,8 +289,34 @@ class SAMEngine:
                     else:
                         self._engine_descent(x, y, params, poison, accumulated, c)
             finally:
-                self.sam.restore()
+                self._restore()
         return torch.cat(losses_at_w).float().mean()
+
+    def _perturb(self, g: list) -> None:
+        """``w <- w + e(g)``: in place with an exact copy (ZeRO 0-2), on the gathered data (ZeRO-3)."""
+        if self._zero3 is None:
+            self.sam.perturb(g)
+            return
+        live = [(i, p, t, group) for i, (p, t, group) in enumerate(zip(self.sam.params, g, self.sam._group_of_params()))
+                if t is not None and group["rho"] != 0]
+        e = [None] * len(g)
+        if live:
+            idx, ps, gs, groups = (list(x) for x in zip(*live))
+            for i, t in zip(idx, self.sam.compute_perturbation(gs, ps, groups)):
+                e[i] = t
+        self._zero3.apply(e)
+
+    def _estimator_context(self):
+        """ZeRO-3 RW-SAM ``fd``/``exact``: whole parameters for their functional forwards."""
+        if self._zero3 is None or self.config.variant != "rwsam" or self.config.estimator == "last_layer":
+            return contextlib.nullcontext()
+        return self._zero3.whole_module()
+
+    def _restore(self) -> None:
+        if self._zero3 is None:
+            self.sam.restore()
+        else:
+            self._zero3.undo()
 
     def _ascent(self, x, y, params, group: int):
         """Ascent gradient at ``w``, returned (never in ``.grad``), reduced only under ``global``."""
@@ -283,18 +327,30 @@ class SAMEngine:
             with self._autocast():
                 outputs = module(x)  # not engine(x): the engine's forward arms its backward hooks
                 losses = per_sample_losses(self.loss_fn, outputs, y, x.shape[0])
-                objective = self.sam.ascent_loss(losses, outputs=outputs, **context)
+                with self._estimator_context():
+                    objective = self.sam.ascent_loss(losses, outputs=outputs, **context)
+            scale = ds_fp16.loss_scale(self.engine)  # fp16: the engine's own current loss scale
+            if scale is not None:
+                objective = ds_fp16.scale_loss(self.engine, objective)
             grads = list(torch.autograd.grad(objective, params, allow_unused=True))
         if self.config.ascent == "global":
             grads = [torch.zeros_like(p) if t is None else t for p, t in zip(params, grads)]
             collectives.all_reduce_mean_(grads)
+        if scale is not None:
+            grads = ds_fp16.unscale(grads, scale)  # before the norm; inf/NaN stay (poison)
         return grads, losses.detach()
 
     def _local_descent(self, x, y, params, poison, accumulated) -> None:
         """An m-SAM group's descent gradient, summed locally (no reduction)."""
         with torch.enable_grad(), self._autocast():
             descent = per_sample_losses(self.loss_fn, self.module(x), y, x.shape[0]).mean()
-        h = torch.autograd.grad(descent * poison.to(descent.device), params, allow_unused=True)
+        descent = descent * poison.to(descent.device, descent.dtype)
+        scale = ds_fp16.loss_scale(self.engine)
+        if scale is not None:
+            h = ds_fp16.unscale(torch.autograd.grad(ds_fp16.scale_loss(self.engine, descent), params,
+                                                    allow_unused=True), scale)
+        else:
+            h = torch.autograd.grad(descent, params, allow_unused=True)
         for i, t in enumerate(h):
             if t is not None:
                 accumulated[i] = t.float() if accumulated[i] is None else accumulated[i].add_(t)
@@ -309,7 +365,11 @@ class SAMEngine:
         for p, a in zip(params, accumulated):
             if a is not None:
                 descent = descent + (p * a.to(p.dtype)).sum()
-        self.engine.backward(descent * poison.to(descent.device) / c)
+        self._backward(descent * poison.to(descent.device, descent.dtype) / c)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``engine.backward``; under ZeRO-0 fp16 with the loss scaling DeepSpeed 0.19.8 omits there."""
+        self.engine.backward(ds_fp16.descent_loss(self.engine, loss))
 
     # -- checkpointing: through the engine, SAM's counters in the client state ---------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):
