@@ -1,4 +1,4 @@
-"""SAM and RW-SAM under DeepSpeed ZeRO 0, 1 and 2: add a ``sam`` section to the JSON you have.
+"""SAM and RW-SAM under DeepSpeed ZeRO 0, 1, 2 and 3: add a ``sam`` section to the JSON you have.
 
     engine, optimizer, loader, scheduler = dist_sam.deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -8,23 +8,22 @@
     engine.save_checkpoint("ckpt")        # SAM's step counter (and RW-SAM's mu) ride along
 
 ``{"sam": {"variant": "rwsam", "rho": 0.05, "ascent": "local", "lam": 0.5}}`` accepts the keys and
-values of :class:`dist_sam.config.SamConfig`. DeepSpeed refuses ``no_sync()`` under ZeRO-2 (and
-under ZeRO-1 with ``overlap_comm``), so the local ascent never goes through the engine:
-
-1. ascent gradient ``g = torch.autograd.grad(loss(engine.module(x)), params)``: it is returned,
-   never accumulated into ``.grad``, so ZeRO's gradient hooks (which reduce) never fire;
-2. ``w <- w + e(g)`` on the module's own parameters (bf16 under bf16), an exact copy kept;
-3. ``engine(x)`` and ``engine.backward(loss)``: the only gradient reduction, as in SGD;
-4. restore ``w`` from the copy; 5. ``engine.step()`` (clipping applies to the descent gradient).
+values of :class:`dist_sam.config.SamConfig`. The step is the shared core
+(:func:`dist_sam.core.sam_passes`) driving :class:`~dist_sam.distributed.deepspeed_engine.DeepSpeedStepEngine`:
+a local ascent through ``torch.autograd.grad`` on ``engine.module`` (ZeRO's reducing hooks never
+fire), the perturbation on the module's own parameters with an exact copy, ``engine(x)`` and
+``engine.backward(loss)`` as the only gradient reduction, the restore, then ``engine.step()``
+(clipping applies to the descent gradient).
 
 DeepSpeed owns the real (base) optimizer; a SAM-family object built on the module's parameters
 with a never-stepped ``SGD(lr=0)`` base supplies ``perturb``/``restore`` and RW-SAM's
-``ascent_loss``. ZeRO-3 (it partitions the parameters themselves) and fp16 are refused.
+``ascent_loss``. fp16 uses DeepSpeed's own loss scaler (:mod:`dist_sam.distributed.ds_fp16`);
+ZeRO-3 perturbs the gathered parameters (:mod:`dist_sam.distributed.zero3`, local ascent; SAM,
+USAM, RW-SAM). Both rely on DeepSpeed internals and accept DeepSpeed 0.19.8 only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -38,9 +37,9 @@ from torch import nn
 from .bn import frozen_running_stats
 from .config import SamConfig
 from .distributed import collectives, ds_fp16
-from .distributed.zero3 import Zero3Perturbation
 from .optim.rules import global_norm
-from .step import per_sample_losses
+from .core import per_sample_losses, sam_passes
+from .distributed.deepspeed_engine import DeepSpeedStepEngine
 
 __all__ = ["initialize", "SAMEngine", "load_config", "check_config"]
 
@@ -81,7 +80,9 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
     ``train_micro_batch_size_per_gpu`` when the config gives it (or lets it be derived).
 
     Raises:
-        ValueError: naming the field: a bad ``sam`` section, ZeRO-3, fp16, ``ascent="full"``.
+        ValueError: naming the field: a bad ``sam`` section, a stage-3 setting it cannot run (m-SAM,
+            global ascent, ASAM), amp / fp16 autocast, ``ascent="full"``, an untested DeepSpeed
+            version for fp16 or ZeRO-3.
     """
     if "sam" not in config:
         raise ValueError('the DeepSpeed config has no "sam" section; add one, e.g. "sam": {"variant": "sam", '
@@ -198,10 +199,9 @@ class SAMEngine:
         self.module = engine.module
         # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
+        self._step_engine = DeepSpeedStepEngine(engine, self.sam.params, config)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
         self._check_finite = self._arm_fp32_overflow_check()
-        # ZeRO-3: e lives on the gathered parameters (hooks); None under ZeRO 0-2 (sam.perturb)
-        self._zero3 = Zero3Perturbation(self.module) if engine.zero_optimization_stage() == 3 else None
 
     def _arm_fp32_overflow_check(self) -> bool:
         """Non-finite gradients never reach the weights, in fp32 too.
@@ -258,7 +258,7 @@ class SAMEngine:
             loss = self._sam_passes(inputs, targets, c)
         else:  # `interval` makes this a plain base step
             loss = per_sample_losses(self.loss_fn, self.engine(inputs), targets, b).mean()
-            self._backward(loss)
+            self.engine.backward(ds_fp16.descent_loss(self.engine, loss))  # ZeRO-0 fp16: pre-scaled
             loss = loss.detach().float()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self._check_finite:
@@ -271,105 +271,10 @@ class SAMEngine:
         return loss
 
     def _sam_passes(self, inputs: torch.Tensor, targets: torch.Tensor, c: int) -> torch.Tensor:
-        """Ascent and descent over ``c`` groups; one ``engine.backward`` (one reduction) at the end."""
-        params = self.sam.params
-        accumulated: list[torch.Tensor | None] = [None] * len(params)  # descent gradients of groups < c-1
-        losses_at_w = []
-        for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):
-            g, losses = self._ascent(x, y, params, group=self._micro_index * c + j)
-            losses_at_w.append(losses)
-            # A non-finite ascent gradient poisons this rank's descent loss; the reduction carries
-            # the NaN to every rank, and DeepSpeed's overflow check (bf16) skips the step on all.
-            poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, math.nan)
-            self._perturb(g)
-            try:
-                with frozen_running_stats(self.module):
-                    if j < c - 1:
-                        self._local_descent(x, y, params, poison, accumulated)
-                    else:
-                        self._engine_descent(x, y, params, poison, accumulated, c)
-            finally:
-                self._restore()
-        return torch.cat(losses_at_w).float().mean()
-
-    def _perturb(self, g: list) -> None:
-        """``w <- w + e(g)``: in place with an exact copy (ZeRO 0-2), on the gathered data (ZeRO-3)."""
-        if self._zero3 is None:
-            self.sam.perturb(g)
-            return
-        live = [(i, p, t, group) for i, (p, t, group) in enumerate(zip(self.sam.params, g, self.sam._group_of_params()))
-                if t is not None and group["rho"] != 0]
-        e = [None] * len(g)
-        if live:
-            idx, ps, gs, groups = (list(x) for x in zip(*live))
-            for i, t in zip(idx, self.sam.compute_perturbation(gs, ps, groups)):
-                e[i] = t
-        self._zero3.apply(e)
-
-    def _estimator_context(self):
-        """ZeRO-3 RW-SAM ``fd``/``exact``: whole parameters for their functional forwards."""
-        if self._zero3 is None or self.config.variant != "rwsam" or self.config.estimator == "last_layer":
-            return contextlib.nullcontext()
-        return self._zero3.whole_module()
-
-    def _restore(self) -> None:
-        if self._zero3 is None:
-            self.sam.restore()
-        else:
-            self._zero3.undo()
-
-    def _ascent(self, x, y, params, group: int):
-        """Ascent gradient at ``w``, returned (never in ``.grad``), reduced only under ``global``."""
-        module = self.module
-        context = dict(model=module, module=module, loss_fn=self.loss_fn, rank=collectives.rank(),
-                       step=self.sam.num_steps, autocast=self._autocast, inputs=x, targets=y, group=group)
-        with torch.enable_grad(), self.sam.ascent_context(module):
-            with self._autocast():
-                outputs = module(x)  # not engine(x): the engine's forward arms its backward hooks
-                losses = per_sample_losses(self.loss_fn, outputs, y, x.shape[0])
-                with self._estimator_context():
-                    objective = self.sam.ascent_loss(losses, outputs=outputs, **context)
-            scale = ds_fp16.loss_scale(self.engine)  # fp16: the engine's own current loss scale
-            if scale is not None:
-                objective = ds_fp16.scale_loss(self.engine, objective)
-            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
-        if self.config.ascent == "global":
-            grads = [torch.zeros_like(p) if t is None else t for p, t in zip(params, grads)]
-            collectives.all_reduce_mean_(grads)
-        if scale is not None:
-            grads = ds_fp16.unscale(grads, scale)  # before the norm; inf/NaN stay (poison)
-        return grads, losses.detach()
-
-    def _local_descent(self, x, y, params, poison, accumulated) -> None:
-        """An m-SAM group's descent gradient, summed locally (no reduction)."""
-        with torch.enable_grad(), self._autocast():
-            descent = per_sample_losses(self.loss_fn, self.module(x), y, x.shape[0]).mean()
-        descent = descent * poison.to(descent.device, descent.dtype)
-        scale = ds_fp16.loss_scale(self.engine)
-        if scale is not None:
-            h = ds_fp16.unscale(torch.autograd.grad(ds_fp16.scale_loss(self.engine, descent), params,
-                                                    allow_unused=True), scale)
-        else:
-            h = torch.autograd.grad(descent, params, allow_unused=True)
-        for i, t in enumerate(h):
-            if t is not None:
-                accumulated[i] = t.float() if accumulated[i] is None else accumulated[i].add_(t)
-
-    def _engine_descent(self, x, y, params, poison, accumulated, c: int) -> None:
-        """The last group's descent through the engine, plus the earlier groups' gradients.
-
-        ``sum(p * a)`` with ``a`` detached has gradient ``a`` whatever ``p`` is, so one
-        ``engine.backward`` hands DeepSpeed ``(1/c) Σ_j h_j`` and reduces it once.
-        """
-        descent = per_sample_losses(self.loss_fn, self.engine(x), y, x.shape[0]).mean()
-        for p, a in zip(params, accumulated):
-            if a is not None:
-                descent = descent + (p * a.to(p.dtype)).sum()
-        self._backward(descent * poison.to(descent.device, descent.dtype) / c)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        """``engine.backward``; under ZeRO-0 fp16 with the loss scaling DeepSpeed 0.19.8 omits there."""
-        self.engine.backward(ds_fp16.descent_loss(self.engine, loss))
+        """Ascent and descent over ``c`` groups (the shared core); one reduction at the end."""
+        return sam_passes(self._step_engine, self.sam, self.loss_fn, inputs, targets, c,
+                          sync_ascent=self.config.ascent == "global", autocast=self._autocast,
+                          context=dict(rank=collectives.rank()), group_offset=self._micro_index * c)
 
     # -- checkpointing: through the engine, SAM's counters in the client state ---------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):

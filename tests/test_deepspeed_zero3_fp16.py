@@ -146,7 +146,7 @@ def _zero3():
         engine = _engine(_config(3, sam, zero), make=make)
         for step in range(STEPS):
             engine.train_step(_batch(step, rank))
-        out[name] = dict(rel=_rel_diff(_full_state(engine), ref), released=engine._zero3.released)
+        out[name] = dict(rel=_rel_diff(_full_state(engine), ref), released=engine._step_engine.zero3.released)
     return out
 
 

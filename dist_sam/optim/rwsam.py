@@ -22,8 +22,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..distributed.collectives import rank as _current_rank
-from ..distributed.ddp import unwrap
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -35,6 +33,18 @@ ESTIMATORS = ("fd", "exact", "last_layer")
 NORMALIZATIONS = ("zscore", "mean", "none")
 _EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 logger = logging.getLogger("dist_sam")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a data-parallel wrapper (DDP, a DeepSpeed engine), by its ``module``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _current_rank() -> int:
+    from ..distributed.collectives import rank  # only for by-hand use: sam_step passes the rank
+
+    return rank()
 
 
 def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
@@ -148,7 +158,7 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(unwrap(model))
+        layer = self._final_linear(_unwrap(model))
 
         def hook(mod, inputs, output):
             self._captured = (inputs[0].detach(), output.detach(), mod)
@@ -184,8 +194,11 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
-        ids = {id(p) for p in self.params}
-        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+        if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
+            named = context["named_params"]()
+        else:
+            ids = {id(p) for p in self.params}
+            named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
         if self.estimator == "exact":
             return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
         step = context.get("step", self.num_steps)
@@ -199,12 +212,13 @@ class RWSAM(SAM):
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
-        if self.is_perturbed:
-            return None
         params = self.params
+        index = {id(p): i for i, p in enumerate(params)}
+        if self.is_perturbed or not all(id(p) in index for p in named.values()):
+            return None  # perturbed, or a sharded engine's copies: the estimator allocates its own
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
-        index = {id(p): i for i, p in enumerate(params)}
+        self._backup_is_w = False  # the estimator writes w + mu·v into it
         return {n: self._backup[index[id(p)]] for n, p in named.items()}
 
     def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
@@ -222,7 +236,7 @@ class RWSAM(SAM):
     def _require(context: dict) -> tuple:
         module = context.get("module")
         if module is None and context.get("model") is not None:
-            module = unwrap(context["model"])
+            module = _unwrap(context["model"])
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]
