@@ -132,6 +132,34 @@ def _full_state(engine):
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
+def _state(engine):
+    """The whole weights (gathered under ZeRO-3)."""
+    if engine.zero_optimization_stage() == 3:
+        return _full_state(engine)
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _bf16_zero3():
+    """bf16 under ZeRO-3: rho = 0 is DeepSpeed's own bf16 step bit for bit; SAM tracks fp32."""
+    rank = torch.distributed.get_rank()
+    runs = {}
+    for name, sam in (("rho0", dict(SAM, rho=0.0)), ("sam", SAM), ("plain", SAM)):
+        cfg = _config(3, sam, NONPERSISTENT)
+        cfg["bf16"] = {"enabled": True}
+        engine = _engine(cfg)
+        for step in range(3 if name == "sam" else 2):
+            x, y = _batch(step, rank, torch.bfloat16)
+            if name == "plain":
+                engine.backward(CE(engine(x), y).mean())
+                engine.step()
+            else:
+                engine.train_step((x, y))
+        runs[name] = _state(engine)
+    ref = _ref_local_sam(SAM, 3)
+    finite = all(torch.isfinite(v).all() for v in runs["sam"].values())
+    return dict(rho0=_max_diff(runs["rho0"], runs["plain"]), fp32=_max_diff(runs["sam"], ref), finite=finite)
+
+
 def _rel_diff(a, b):
     return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm()).item() for k in b)
 
@@ -186,6 +214,7 @@ def _zero0_fp16_backward_scaling():
     return dict(ratio=ratio.item(), scale=float(engine.optimizer.loss_scale))
 
 
+ZERO_EXTRAS = {0: {}, 1: {}, 2: {"overlap_comm": True}, 3: NONPERSISTENT}
 FP16 = dict(initial_scale_power=8, loss_scale_window=2, hysteresis=1)  # the scale moves within a few steps
 
 
@@ -206,7 +235,7 @@ class _InfOnce:
 def _fp16_run(stage, sam, steps, plain=False, bad_step=None, bad_pass=None):
     """Weights, loss scales and skipped steps after each step; the plain run uses engine.backward."""
     loss_fn = CE if bad_pass is None else _InfOnce(2 * bad_step + bad_pass)
-    engine = _engine(_config(stage, sam, {"overlap_comm": True} if stage == 2 else {}, fp16=FP16), loss_fn)
+    engine = _engine(_config(stage, sam, ZERO_EXTRAS[stage], fp16=FP16), loss_fn)
     rank, scales = torch.distributed.get_rank(), []
     moved = []
     for step in range(steps):
@@ -214,7 +243,7 @@ def _fp16_run(stage, sam, steps, plain=False, bad_step=None, bad_pass=None):
         if plain and bad_step == step and rank == 1:
             x = x.clone()
             x[0, 0] = float("inf")
-        before = [p.detach().clone() for p in engine.module.parameters()]
+        before = list(_state(engine).values())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if plain:
@@ -224,8 +253,8 @@ def _fp16_run(stage, sam, steps, plain=False, bad_step=None, bad_pass=None):
             else:
                 engine.train_step((x, y))
         scales.append(float(engine.optimizer.loss_scale))
-        moved.append(any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters())))
-    return dict(state={k: v.clone() for k, v in engine.module.state_dict().items()}, scales=scales,
+        moved.append(any(not torch.equal(a, p) for a, p in zip(before, _state(engine).values())))
+    return dict(state=_state(engine), scales=scales,
                 skipped=engine.skipped_steps, moved=moved)
 
 
@@ -241,17 +270,18 @@ def _fp16_tiny_loss():
     sam, base = dict(variant="usam", rho=0.5 / TINY), dict(lr=0.1 / TINY, momentum=0.9)
     ref = _ref_local_sam(sam, 3, base=base, loss_fn=_tiny_ce)
     out = {}
-    for stage in (0, 1, 2):
-        engine = _engine(_config(stage, sam, fp16={"loss_scale": 2.0 ** 15}), loss_fn=_tiny_ce, base=base)
+    for stage in (0, 1, 2, 3):
+        engine = _engine(_config(stage, sam, ZERO_EXTRAS[stage], fp16={"loss_scale": 2.0 ** 15}), loss_fn=_tiny_ce,
+                         base=base)
         for step in range(3):
             engine.train_step(_batch(step, torch.distributed.get_rank(), torch.float16))
-        out[stage] = _max_diff({k: v.double() for k, v in engine.module.state_dict().items()}, ref)
+        out[stage] = _max_diff({k: v.double() for k, v in _state(engine).items()}, ref)
     return out
 
 
 def _fp16():
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         plain = _fp16_run(stage, SAM, 5, plain=True)
         rho0 = _fp16_run(stage, dict(SAM, rho=0.0), 5)
         plain_bad = _fp16_run(stage, SAM, 4, plain=True, bad_step=1, bad_pass=None)
@@ -277,7 +307,8 @@ def _worker(rank, world_size):
     type(get_accelerator()).is_fp16_supported = lambda self: True  # fp16 on this CPU (see the module doc)
     test_deepspeed.MICRO = MICRO
     return dict(zero3=_zero3(), zero3_collectives=_zero3_collectives(),
-                zero0_fp16=_zero0_fp16_backward_scaling(), fp16=_fp16(), fp16_tiny=_fp16_tiny_loss())
+                zero0_fp16=_zero0_fp16_backward_scaling(), fp16=_fp16(), fp16_tiny=_fp16_tiny_loss(),
+                bf16_zero3=_bf16_zero3())
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +344,12 @@ def test_zero3_sam_step_adds_only_parameter_all_gathers(results, case):
         assert 0 < extra <= 2 * r["param_bytes"] * 2, r  # the ascent's forward and backward gathers at most
 
 
+def test_zero3_bf16_rho_zero_is_deepspeeds_own_step_and_sam_tracks_fp32(results):
+    for rank_results in results:
+        r = rank_results["bf16_zero3"]
+        assert r["rho0"] == 0.0 and r["finite"] and r["fp32"] < 2e-2, r
+
+
 # -- fp16 ----------------------------------------------------------------------------------------
 def test_deepspeed_0_19_8_zero0_fp16_backward_does_not_scale_the_loss(results):
     """The cause of the old refusal: DeepSpeed's, not dist-sam's (PR #8393); dist-sam pre-scales."""
@@ -321,7 +358,7 @@ def test_deepspeed_0_19_8_zero0_fp16_backward_does_not_scale_the_loss(results):
         assert r["scale"] == 2.0 ** 16 and abs(r["ratio"] - 1.0) < 1e-2, r
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_fp16_rho_zero_is_deepspeeds_own_fp16_step(results, stage):
     for rank_results in results:
         r = rank_results["fp16"][stage]
@@ -330,7 +367,7 @@ def test_fp16_rho_zero_is_deepspeeds_own_fp16_step(results, stage):
         assert len(set(r["rho0_scales"][0])) > 1, r  # the scale moved: the sequence is a real check
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("bad_pass", ["ascent", "descent"])
 def test_fp16_nonfinite_on_one_rank_skips_like_deepspeed(results, stage, bad_pass):
     for rank_results in results:
@@ -340,7 +377,7 @@ def test_fp16_nonfinite_on_one_rank_skips_like_deepspeed(results, stage, bad_pas
         assert skipped >= 1 and not moved[1] and moved[2], bad
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_fp16_usam_tracks_fp32_ddp(results, stage):
     """USAM's e = rho g is not scale-invariant: an ascent gradient left scaled would blow it up."""
     for rank_results in results:
@@ -348,7 +385,7 @@ def test_fp16_usam_tracks_fp32_ddp(results, stage):
         assert all(r["usam_moved"]) and r["usam_diff"] < 2e-2, r
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_fp16_ascent_is_taken_under_the_loss_scale(results, stage):
     for rank_results in results:
         assert rank_results["fp16_tiny"][stage] < 5e-3, rank_results["fp16_tiny"]
