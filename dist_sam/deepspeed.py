@@ -183,6 +183,15 @@ def initialize(args: Any = None, model: nn.Module | None = None, *, config: dict
     return SAMEngine(engine, sam, loss_fn or nn.CrossEntropyLoss(reduction="none")), optimizer, loader, scheduler
 
 
+def _gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 class SAMEngine:
     """A DeepSpeed engine that takes SAM steps: :meth:`train_step`; every other attribute is the engine's.
 
@@ -280,7 +289,8 @@ class SAMEngine:
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):
         """``engine.save_checkpoint`` with SAM's state (step counter, RW-SAM's ``mu``) in the client state."""
         state = dict(client_state or {})
-        state[CLIENT_STATE_KEY] = self.sam.state_dict()
+        # DeepSpeed writes the client state from rank 0 only; RW-SAM's mu="auto" is calibrated per rank
+        state[CLIENT_STATE_KEY] = {"per_rank": _gather_objects(self.sam.state_dict())}
         return self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any):
@@ -288,6 +298,10 @@ class SAMEngine:
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if client_state and CLIENT_STATE_KEY in client_state:
             client_state = dict(client_state)
-            self.sam.load_state_dict(client_state.pop(CLIENT_STATE_KEY))
+            saved = client_state.pop(CLIENT_STATE_KEY)
+            if "per_rank" in saved:  # this rank's own (rank 0's after a change of world size)
+                ranks = saved["per_rank"]
+                saved = ranks[collectives.rank()] if len(ranks) == collectives.world_size() else ranks[0]
+            self.sam.load_state_dict(saved)
             self._micro_index = 0
         return path, client_state
