@@ -408,3 +408,21 @@ def test_other_deepspeed_versions_are_refused(monkeypatch):
     for config in (_config(3, SAM), _config(1, SAM, fp16={})):
         with pytest.raises(ValueError, match=r"0\.19\.8.*installed: 0\.20\.0"):
             dsd.check_config(config)
+
+
+def test_gpu_check_dry_run_world_size_1(tmp_path):
+    """benchmarks/gpu_checks/deepspeed_fp16.py on CPU. World size 1 also covers ZeRO-3 gathered data
+    that aliases the shard: an inf ascent would leave NaN in the weights if e were added in place."""
+    import json
+    import subprocess
+    import sys
+
+    from test_train_run import REPO, worker_env
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks.deepspeed_fp16", "--dry-run", "--out",
+                           str(tmp_path)], cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "deepspeed_fp16_gpu_check.json").read_text())
+    assert result["ok"] and sorted(result["stages"]) == ["0", "1", "2", "3"], result
+    for stage in result["stages"].values():
+        assert stage["bad_skipped"][1] >= 1 and len(set(stage["bad_scales"][1])) > 1, stage

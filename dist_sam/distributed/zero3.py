@@ -14,8 +14,8 @@ AVAILABLE``); outside it ``p.data`` is empty and the rank holds a shard in ``p.d
   that sits inside DeepSpeed's ``PreBackwardFunction`` (its backward runs right after the fetch).
 * Release: DeepSpeed's ``partition()`` frees the gathered copy and never writes it back, so a
   released parameter's shard is still ``w``; the wrapper on ``p.partition`` drops it from the
-  perturbed set. :meth:`~Zero3Perturbation.undo` restores the still-gathered ones from their
-  exact copies (never by subtracting ``e``).
+  perturbed set. ``w + e`` is always a new tensor (the gathered data can alias the shard), so
+  :meth:`~Zero3Perturbation.undo` puts the untouched original back (never subtracts ``e``).
 
 This relies on DeepSpeed 0.19.8's ``ds_status``, ``ds_persist`` and ``partition`` attributes
 and on its hook order; :func:`dist_sam.distributed.ds_fp16.check_version` refuses other versions.
@@ -95,9 +95,8 @@ class Zero3Perturbation:
 
     def undo(self) -> None:
         """``w <- copy`` for every parameter still gathered and perturbed; stop perturbing."""
-        with torch.no_grad():
-            for param, copy in self._backup.values():
-                param.data.copy_(copy)
+        for param, original in self._backup.values():
+            param.data = original
         self._backup.clear()
         self._e = {}
 
@@ -134,8 +133,11 @@ class Zero3Perturbation:
         for p in params:
             key = id(p)
             if key in self._e and key not in self._backup and is_gathered(p):
-                self._backup[key] = (p, p.data.clone())
-                p.data.add_(self._e[key].to(p.dtype).view_as(p.data))
+                # w + e in a new tensor: the gathered data may alias the shard (world size 1,
+                # persistent parameters), which must stay w; the original is the exact copy.
+                original = p.data
+                p.data = original + self._e[key].to(p.dtype).view_as(original)
+                self._backup[key] = (p, original)
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if self.active:
