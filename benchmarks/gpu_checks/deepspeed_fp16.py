@@ -86,7 +86,8 @@ def _run(stage: int, batches, *, plain: bool, rho: float = 0.05, bad: int | None
         scales.append(float(engine.optimizer.loss_scale))
     w = _weights(engine)
     return dict(weights=w, scales=scales, skipped=int(engine.skipped_steps),
-                finite=all(torch.isfinite(t).all() for t in w), moved=any(not torch.equal(a, b) for a, b in zip(start, w)))
+                finite=all(torch.isfinite(t).all() for t in w),
+                moved=any(not torch.equal(a, b) for a, b in zip(start, w)))
 
 
 def _stage(stage: int, batches) -> dict:
