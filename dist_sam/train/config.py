@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -17,12 +18,15 @@ import yaml
 
 from ..config import RWSAM_FIELDS, SamConfig
 from ..data import DataConfig
+from ..distributed.fsdp import FSDP_MEMORY
 from .models import MODELS
+from .parallel import PARALLEL
 
 __all__ = ["TrainConfig", "RunConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "CheckpointConfig",
            "load_config", "parse_overrides", "to_dict", "RESUME_MAY_DIFFER", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_UNCATCHABLE = ("SIGKILL", "SIGSTOP", "SIGCHLD", "SIGCLD", "SIGRTMIN", "SIGRTMAX")
 BASES = ("sgd", "adamw", "adam")
 #: Keys that may change between a run and its resume (paths, logging, stopping, loader threads).
 RESUME_MAY_DIFFER = ("run.output_dir", "run.stop_at_step", "run.log_every", "run.progress", "run.tensorboard",
@@ -94,7 +98,13 @@ class RunConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    """``name`` in ``small_cnn | resnet18 | resnet50``; ``num_classes: null`` counts the class folders.
+    """``name`` in :data:`~dist_sam.train.models.MODELS`; ``num_classes: null`` counts the class folders.
+
+    ``parallel``: ``ddp`` (a replica per process) or ``fsdp`` (FSDP2 units per residual stage or
+    encoder block, see :mod:`dist_sam.train.parallel`; checkpoints through
+    torch.distributed.checkpoint, every rank writing its shard). ``fsdp_memory``: ``resident`` or
+    ``lean`` (:mod:`dist_sam.distributed.fsdp`). Under ``fsdp``, ``run.precision: bf16`` means
+    bf16 parameters with float32 gradient reduction (``MixedPrecisionPolicy``), not autocast.
 
     ``sync_bn`` converts BatchNorm to SyncBatchNorm (ignored with one process). For channels_last
     memory format set ``data.channels_last``: it converts both the batches and the model.
@@ -103,11 +113,15 @@ class ModelConfig:
     name: str = "resnet50"
     num_classes: int | None = None
     sync_bn: bool = False
+    parallel: str = "ddp"
+    fsdp_memory: str = "resident"
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODELS)
         _int("model.num_classes", self.num_classes, 2, optional=True)
         _bool("model.sync_bn", self.sync_bn)
+        _choice("model.parallel", self.parallel, PARALLEL)
+        _choice("model.fsdp_memory", self.fsdp_memory, FSDP_MEMORY)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -116,6 +130,8 @@ class OptimConfig:
 
     ``lr`` is the peak LR. With ``reference_batch_size`` set, it is the LR for that *global* batch
     and is scaled linearly to the actual one (``lr * world_size * batch_size / reference``).
+    ``accumulation_steps`` splits each worker's batch into that many chunks (one forward each, one
+    gradient all-reduce per step; under SAM's local ascent each chunk has its own ascent, m-SAM).
     """
 
     base: str = "sgd"
@@ -126,6 +142,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
     reference_batch_size: int | None = None
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         _choice("optim.base", self.base, BASES)
@@ -136,6 +153,7 @@ class OptimConfig:
         _num("optim.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _num("optim.clip_grad_norm", self.clip_grad_norm, 0.0, optional=True, open_low=True)
         _int("optim.reference_batch_size", self.reference_batch_size, 1, optional=True)
+        _int("optim.accumulation_steps", self.accumulation_steps, 1)
         if self.base != "sgd" and (self.momentum != 0.9 or self.nesterov):
             warnings.warn(f"optim.momentum/optim.nesterov apply to base 'sgd' only; ignored with {self.base!r}", stacklevel=3)
 
@@ -162,14 +180,20 @@ class ScheduleConfig:
 class CheckpointConfig:
     """Rank 0 writes every ``every_steps`` optimizer steps (0: never mid-epoch) and at each epoch end.
 
-    ``resume``: ``auto`` (the latest checkpoint in ``dir`` if any), ``never``, or a file path.
-    ``dir: null`` means ``<run.output_dir>/checkpoints``; on several nodes it must be shared storage.
+    ``resume``: ``auto`` (the newest checkpoint in ``dir`` that loads, skipping damaged ones with a
+    warning), ``never``, or a step directory (which must load). ``dir: null`` means
+    ``<run.output_dir>/checkpoints``; on several nodes it must be shared storage.
+    ``signals``: on any of these, every rank finishes the step in flight, they agree to stop
+    (a one-element all-reduce every ``signal_check_every`` steps), write a checkpoint and exit with
+    status 75 (``launch/slurm.sbatch`` requeues; torchrun restarts). ``[]`` keeps the default actions.
     """
 
     dir: str | None = None
     every_steps: int = 0
     keep_last: int = 3
     resume: str = "auto"
+    signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signal_check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.dir is not None and (not isinstance(self.dir, str) or not self.dir):
@@ -178,6 +202,10 @@ class CheckpointConfig:
         _int("checkpoint.keep_last", self.keep_last, 1)
         if not isinstance(self.resume, str) or not self.resume:
             _fail("checkpoint.resume", self.resume, "'auto', 'never' or a checkpoint path")
+        names = [n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_") and n not in _UNCATCHABLE]
+        if not isinstance(self.signals, list) or any(s not in names for s in self.signals):
+            _fail("checkpoint.signals", self.signals, "a list of catchable signal names such as ['SIGTERM', 'SIGUSR1']")
+        _int("checkpoint.signal_check_every", self.signal_check_every, 1)
 
 
 _SECTIONS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
@@ -195,6 +223,26 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     sam: SamConfig | None = None
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.parallel == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What ``model.parallel: fsdp`` cannot run, refused with the field that says so."""
+        if self.run.precision == "fp16":
+            _fail("run.precision", "fp16", "'fp32' or 'bf16' with model.parallel=fsdp (bf16 parameters with "
+                  "float32 reduction; fp16 loss scaling is not supported under FSDP2)")
+        if self.model.sync_bn:
+            _fail("model.sync_bn", True, "false with model.parallel=fsdp")
+        if self.sam is not None and self.sam.ascent == "full":
+            _fail("sam.ascent", "full", "'local', 'micro' or 'global' with model.parallel=fsdp")
+        if self.sam is not None and self.model.fsdp_memory == "lean":
+            asam = self.sam.variant == "asam" or getattr(self.sam, "adaptive", False)
+            estimator = getattr(self.sam, "estimator", None) if self.sam.variant == "rwsam" else None
+            if asam or estimator in ("fd", "exact"):
+                _fail("model.fsdp_memory", "lean", "'resident' for ASAM and RW-SAM's fd/exact estimators (they "
+                      "need the full weights, which lean does not keep), or use estimator: last_layer")
 
     @property
     def checkpoint_dir(self) -> str:
