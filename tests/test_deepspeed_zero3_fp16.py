@@ -8,8 +8,8 @@ and loss scalers); only the device differs from a GPU (benchmarks/gpu_checks/dee
 * ZeRO-3, device-local ascent: two steps equal a float64 re-derivation of DDP local SAM and RW-SAM
   (``last_layer``, ``exact``) on the same per-rank batches, with persistent parameters, with
   ``stage3_max_reuse_distance`` default and 0; a SAM step adds only parameter all-gathers.
-* fp16, ZeRO 0-3 (bf16 under ZeRO-3 too): DeepSpeed 0.19.8's own ZeRO-0 fp16 backward leaves the loss unscaled (the
-  "suspected mis-scaling"); ``rho = 0`` is DeepSpeed's own fp16 step bit for bit, loss-scale
+* fp16, ZeRO 0-3 (and bf16 under ZeRO-3): DeepSpeed 0.19.8's own ZeRO-0 fp16 backward leaves the
+  loss unscaled (the "suspected mis-scaling"); ``rho = 0`` is DeepSpeed's own fp16 step bit for bit, loss-scale
   sequence and skipped steps included; a non-finite ascent or descent gradient on one rank skips
   the step on both and moves the scale as DeepSpeed's own step does; USAM tracks fp32 DDP.
 """
