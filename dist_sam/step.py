@@ -28,7 +28,7 @@ from torch import nn
 
 from .bn import frozen_running_stats
 from .distributed import collectives
-from .distributed.ddp import check_model, no_grad_sync, unwrap
+from .distributed.ddp import check_model, local_module, no_grad_sync
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
@@ -106,7 +106,7 @@ def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: lis
     Runs on the unwrapped module with BatchNorm running statistics frozen; one all-reduce of the
     summed gradients and the sample count at the end.
     """
-    module = unwrap(model)
+    module = local_module(model)
     wide = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     total = [torch.zeros_like(p, dtype=wide) for p in params]
     count = torch.zeros((), dtype=wide, device=params[0].device)
@@ -223,7 +223,7 @@ def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_da
     """Ascent and descent over ``c`` groups; the descent gradient ends up in ``.grad``."""
     inv_scale = 1.0 / scale(torch.ones((), device=inputs.device)) if scaler is not None else None
     g_full = full_gradient(model, loss_fn, ascent_data, params, autocast) if ascent == "full" else None
-    context = dict(model=model, module=unwrap(model), loss_fn=loss_fn, rank=collectives.rank(),
+    context = dict(model=model, module=local_module(model), loss_fn=loss_fn, rank=collectives.rank(),
                    step=optimizer.num_steps, autocast=autocast)
     losses_at_w = []
     for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):

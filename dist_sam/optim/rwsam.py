@@ -22,8 +22,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..compiled import is_compiled, strip_compiled
 from ..distributed.collectives import rank as _current_rank
-from ..distributed.ddp import unwrap
+from ..distributed.ddp import local_module, unwrap
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -82,6 +83,16 @@ def _validate(lam, estimator, mu, num_directions, normalization, last_layer, see
         warnings.warn(f"last_layer={last_layer!r} is ignored with estimator={estimator!r}", stacklevel=3)
 
 
+class _Box:
+    """Holds what the persistent forward hook captured (a plain object: dynamo replays the store)."""
+
+    def __init__(self) -> None:
+        self.value: tuple | None = None
+
+    def hook(self, mod, inputs, output) -> None:
+        self.value = (inputs[0].detach(), output.detach(), mod)
+
+
 class RWSAM(SAM):
     """Reweighted SAM: the ascent loss weights samples by their estimated gradient norms.
 
@@ -135,6 +146,7 @@ class RWSAM(SAM):
         self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
+        self._persistent_hook: tuple | None = None  # (layer, handle, box) under torch.compile (last_layer)
 
     # -- hooks called by sam_step --------------------------------------------------------------
     @contextlib.contextmanager
@@ -149,6 +161,14 @@ class RWSAM(SAM):
             yield
             return
         layer = self._final_linear(unwrap(model))
+        if is_compiled(model) or is_compiled(local_module(model)):
+            # torch.compile does not guard on forward hooks (torch._dynamo.config.
+            # skip_nnmodule_hook_guards): one hook, registered before the first compiled forward,
+            # stays and is traced into the graph; it captures every forward, the ascent's is read.
+            self._ensure_persistent_hook(layer)
+            self._captured = self._persistent_hook[2].value = None
+            yield
+            return
 
         def hook(mod, inputs, output):
             self._captured = (inputs[0].detach(), output.detach(), mod)
@@ -158,6 +178,20 @@ class RWSAM(SAM):
             yield
         finally:
             handle.remove()
+
+    def _ensure_persistent_hook(self, layer: nn.Module) -> None:
+        if self._persistent_hook is not None and self._persistent_hook[0] is layer:
+            return
+        if self._persistent_hook is not None:
+            self._persistent_hook[1].remove()
+        box = _Box()
+        self._persistent_hook = (layer, layer.register_forward_hook(box.hook), box)
+
+    def _take_captured(self) -> tuple | None:
+        if self._persistent_hook is not None and self._persistent_hook[2].value is not None:
+            self._captured, self._persistent_hook[2].value = self._persistent_hook[2].value, None
+        captured, self._captured = self._captured, None
+        return captured
 
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
         """``(1/b) Σ_i a_i f_i(w)`` with ``a = gibbs_weights(s, lam, normalization)``.
@@ -185,15 +219,17 @@ class RWSAM(SAM):
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
         ids = {id(p) for p in self.params}
-        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+        eager = strip_compiled(module)  # torch.func.grad cannot run over a compiled module
+        named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # v covers them in this order
         if self.estimator == "exact":
-            return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
+            return exact_norms(eager, loss_fn, x, y, named_eager, rng_state=rng_state)
+        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # same order, maybe `_orig_mod.`
         step = context.get("step", self.num_steps)
         rank = context.get("rank", None)
         seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
         autocast = context.get("autocast") or contextlib.nullcontext
         if self.mu is None:
-            self._calibrate(module, loss_fn, x, y, losses, named, seed, autocast, rng_state)
+            self._calibrate(eager, loss_fn, x, y, losses, named_eager, seed, autocast, rng_state)
         return fd_norms(module, loss_fn, x, y, losses, named, self.mu, seed=seed, num_directions=self.num_directions,
                         autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
 
@@ -222,7 +258,7 @@ class RWSAM(SAM):
     def _require(context: dict) -> tuple:
         module = context.get("module")
         if module is None and context.get("model") is not None:
-            module = unwrap(context["model"])
+            module = local_module(context["model"])
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]
@@ -252,7 +288,7 @@ class RWSAM(SAM):
         return layer
 
     def _last_layer_estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
-        captured, self._captured = self._captured, None
+        captured = self._take_captured()
         if captured is None:
             raise ValueError("estimator='last_layer' saw no forward of the final nn.Linear: run the ascent "
                              "forward inside opt.ascent_context(model) (dist_sam.sam_step does)")

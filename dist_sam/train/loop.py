@@ -81,11 +81,13 @@ class Trainer:
         self.scalars = Scalars(os.path.join(out, "tensorboard") if self.primary and cfg.run.tensorboard else None)
 
     def setup(self, model: nn.Module) -> None:
-        """DDP (several processes), the optimizer, the LR schedule and the fp16 scaler."""
-        self.model = model
+        """``torch.compile`` (``model.compile``), DDP (several processes), the optimizer, the LR
+        schedule and the fp16 scaler. DDP wraps the compiled module (:mod:`dist_sam.compiled`)."""
+        spec = self.cfg.model
+        self.model = torch.compile(model, mode=spec.compile_mode, backend=spec.compile_backend) if spec.compile else model
         if self.env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(model, device_ids=ids)
+            self.model = DDP(self.model, device_ids=ids)
             self.comm = CommCounter.attach(self.model)
         self.optimizer = build_optimizer(self.cfg, model.parameters(), self.env.world_size)
         self.scheduler = self.build_scheduler(self.optimizer)

@@ -1,0 +1,41 @@
+"""``torch.compile`` wrappers: what sits inside an ``OptimizedModule``, and the supported orders.
+
+``torch.compile(module)`` returns a ``torch._dynamo.eval_frame.OptimizedModule`` that holds the
+user's module as ``_orig_mod`` and shares its parameters and buffers. ``sam_step`` and
+``base_step`` accept, for every variant and ascent mode:
+
+* ``torch.compile(model)`` (one process);
+* ``DDP(torch.compile(model))``: **the recommended order under DDP**. DDP's reducer, its hooks and
+  ``no_sync()`` stay eager and exact, and the compiled module under it is what RW-SAM's extra
+  ``fd`` forward runs through (``torch.func.functional_call``), so that forward is compiled too;
+* ``torch.compile(DDP(model))``: exact (``no_sync()`` is found through the wrapper), but it
+  compiles nothing: dynamo skips DDP's forward (``_inside_ddp_forward``) and, with torch 2.14.1 on
+  CPU/gloo, captured no graph at all. ``sam_step`` warns once and runs it; wrap the other way.
+
+RW-SAM ``exact`` and ``mu="auto"`` calibration take ``torch.func`` per-sample gradients; PyTorch
+does not support ``torch.func.grad`` over a compiled function called from eager code (PyTorch
+issue #128711), so those run on the eager module (:func:`strip_compiled`). This module never
+imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["is_compiled", "strip_compiled"]
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """True for the module ``torch.compile(module)`` returned (an ``OptimizedModule``)."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch builds without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
+
+
+def strip_compiled(model: nn.Module) -> nn.Module:
+    """The module inside any number of ``torch.compile`` wrappers (``_orig_mod``), or ``model``."""
+    while is_compiled(model):
+        model = model._orig_mod
+    return model
