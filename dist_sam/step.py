@@ -28,7 +28,9 @@ from torch import nn
 
 from .bn import frozen_running_stats
 from .distributed import collectives
-from .distributed.ddp import check_model, local_module, no_grad_sync
+from .compiled import is_compiled
+from .distributed.ddp import check_model, ddp_of, local_module, no_grad_sync, unwrap
+from .optim.batched import MICRO_IMPLS, batched_micro_grads, check_batchable
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
@@ -137,6 +139,7 @@ def sam_step(
     ascent_data: Iterable | None = None,
     autocast_dtype: torch.dtype | None = None,
     freeze_bn: bool = True,
+    micro_impl: str = "loop",
 ) -> torch.Tensor:
     """Run one full SAM step and return the mean loss at ``w`` (detached, no host sync).
 
@@ -156,11 +159,15 @@ def sam_step(
         ascent_data: the dataset/loader whose mean gradient perturbs in ``full`` mode.
         autocast_dtype: run the forwards under ``torch.autocast`` with this dtype (e.g. bf16).
         freeze_bn: keep BatchNorm running statistics as the ascent forward left them.
+        micro_impl: ``loop`` (one micro-batch after another) or ``vmap`` (every micro-batch's
+            ascent and descent as one ``torch.func`` computation, :mod:`dist_sam.optim.batched`:
+            the same step, ``b/m`` stacked copies of the weights); ``ascent="micro"`` only.
 
     Returns:
         The mean per-sample loss at the unperturbed weights ``w``.
     """
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
+    _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn)
     check_model(model)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
@@ -168,10 +175,41 @@ def sam_step(
     params = optimizer.params
     scale = scaler.scale if scaler is not None else (lambda t: t)
     optimizer.zero_grad(set_to_none=True)
-    loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
-                       params, _autocast(inputs, autocast_dtype), scale, scaler, freeze_bn)
+    if micro_impl == "vmap":
+        loss = _vmap_micro(model, optimizer, loss_fn, inputs, targets, micro_batch_size, _autocast(inputs, autocast_dtype))
+    else:
+        loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
+                           params, _autocast(inputs, autocast_dtype), scale, scaler, freeze_bn)
     _finish(optimizer, params, clip_grad_norm, scaler)
     return loss
+
+
+def _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn) -> None:
+    if micro_impl not in MICRO_IMPLS:
+        raise ValueError(f"micro_impl must be one of {MICRO_IMPLS}, got {micro_impl!r}")
+    if micro_impl == "loop":
+        return
+    if ascent != "micro":
+        raise ValueError(f"micro_impl='vmap' batches the micro-batches of ascent='micro', got ascent={ascent!r}")
+    check_batchable(unwrap(model), optimizer, scaler=scaler, freeze_bn=freeze_bn)
+    if is_compiled(model) or is_compiled(local_module(model)):
+        warnings.warn("micro_impl='vmap' runs the eager module: torch.func transforms over a compiled module are "
+                      "not supported from eager code", stacklevel=3)
+
+
+def _vmap_micro(model, optimizer, loss_fn, inputs, targets, m, autocast) -> torch.Tensor:
+    """Batched m-SAM (:mod:`dist_sam.optim.batched`). Under DDP: first rank 0's buffers, as the loop's
+    first forward takes them (DDP broadcasts after a synchronized forward), then one all-reduce of
+    the gradients; the ranks' BatchNorm statistics then differ as the loop leaves them."""
+    ddp = ddp_of(model)
+    if ddp is not None and ddp.broadcast_buffers:
+        collectives.broadcast_(list(unwrap(model).buffers()))
+    grads, losses = batched_micro_grads(unwrap(model), optimizer, loss_fn, inputs, targets, m, autocast=autocast)
+    if ddp is not None:
+        collectives.all_reduce_mean_(grads)
+    for p, g in zip(optimizer.params, grads):
+        p.grad = g
+    return losses.float().mean()
 
 
 def base_step(

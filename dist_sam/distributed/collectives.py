@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .env import discover
 
-__all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "barrier"]
+__all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "barrier"]
 
 
 def _initialized() -> bool:
@@ -59,6 +59,14 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         return
     all_reduce_sum_(tensors)
     torch._foreach_div_(list(tensors), float(n))
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s (one collective per tensor; no-op alone)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=src)
 
 
 def barrier() -> None:
