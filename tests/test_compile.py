@@ -229,3 +229,15 @@ def test_train_config_compile_validation():
     with pytest.raises(ValueError, match="model.compile"):
         ModelConfig(compile="yes")
     assert ModelConfig(compile=True, compile_mode="max-autotune").compile_mode == "max-autotune"
+
+
+def test_batched_msam_on_a_compiled_model_warns_and_runs_eagerly():
+    compiled_model, eager_model = make_cnn(dtype=torch.float32), make_cnn(dtype=torch.float32)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    opts = _optimizer("sam", compiled_model), _optimizer("sam", eager_model)
+    x, y = make_batch("cnn", 8, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="micro_impl='vmap' runs the eager module"):
+        dist_sam.sam_step(compiled, opts[0], CE, x, y, ascent="micro", micro_batch_size=4, micro_impl="vmap")
+    dist_sam.sam_step(eager_model, opts[1], CE, x, y, ascent="micro", micro_batch_size=4, micro_impl="vmap")
+    for p, q in zip(compiled_model.state_dict().values(), eager_model.state_dict().values()):
+        assert torch.equal(p, q)

@@ -113,6 +113,33 @@ def _compose_running_stats(layers, stats: dict[str, torch.Tensor], c: int) -> No
             m.num_batches_tracked.add_(c)
 
 
+@contextlib.contextmanager
+def _bn_in_weight_dtype(module: nn.Module):
+    """BatchNorm on the weights' dtype: under autocast a bf16/fp16 activation meets fp32 BN weights,
+    which eager BN accepts but its vmap rule does not; cast in, compute, cast back (BN computes
+    its statistics in fp32 either way)."""
+    dtypes: dict[int, torch.dtype] = {}
+
+    def pre(m, args):
+        x = args[0]
+        if m.weight is not None and x.dtype != m.weight.dtype:
+            dtypes[id(m)] = x.dtype
+            return (x.to(m.weight.dtype),) + tuple(args[1:])
+        return None
+
+    def post(m, args, out):
+        dtype = dtypes.pop(id(m), None)
+        return out if dtype is None else out.to(dtype)
+
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def batched_micro_grads(
     model: nn.Module,
     optimizer: SAM,
@@ -153,7 +180,9 @@ def batched_micro_grads(
             losses = loss_fn(functional_call(module, (p, bufs), (x,)), y)
         return losses.mean(), losses.detach()
 
-    g, losses = vmap(grad(ascent, has_aux=True), in_dims=(None, 0, 0, 0))(named, stats, xs, ys)
+    mixed = autocast is not contextlib.nullcontext
+    with _bn_in_weight_dtype(module) if mixed else contextlib.nullcontext():
+        g, losses = vmap(grad(ascent, has_aux=True), in_dims=(None, 0, 0, 0))(named, stats, xs, ys)
     _compose_running_stats(layers, stats, c)
     w = list(named.values())
     e, norms = _rule(optimizer, [g[n] for n in named], w)
@@ -163,7 +192,7 @@ def batched_micro_grads(
         with autocast():
             return loss_fn(functional_call(module, p, (x,)), y).mean()
 
-    with frozen_running_stats(module):
+    with frozen_running_stats(module), _bn_in_weight_dtype(module) if mixed else contextlib.nullcontext():
         h = vmap(grad(descent), in_dims=(0, 0, 0))(perturbed, xs, ys)
     poison = torch.where(torch.isfinite(norms).all(), 1.0, float("nan"))
     grads = [(h[n].sum(0) / c * poison.to(h[n].device)).to(p.dtype) for n, p in zip(named, optimizer.params)]
