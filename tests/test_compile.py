@@ -127,6 +127,7 @@ def test_compiled_last_layer_uses_one_persistent_hook():
     model = make_cnn(dtype=torch.float32)
     compiled = torch.compile(model, backend="aot_eager")
     opt = _optimizer("rwsam-last_layer", model)
+    compiled(make_batch("cnn", 8, seed=9, dtype=torch.float32)[0])  # compiled before the hook exists
     for s in range(2):
         x, y = make_batch("cnn", 8, seed=s, dtype=torch.float32)
         dist_sam.sam_step(compiled, opt, CE, x, y)

@@ -186,6 +186,9 @@ class RWSAM(SAM):
             self._persistent_hook[1].remove()
         box = _Box()
         self._persistent_hook = (layer, layer.register_forward_hook(box.hook), box)
+        # A graph compiled before this hook existed would never run it: drop dynamo's cached graphs
+        # once (every compiled function then recompiles on its next call).
+        torch._dynamo.reset_code_caches()
 
     def _take_captured(self) -> tuple | None:
         if self._persistent_hook is not None and self._persistent_hook[2].value is not None:
