@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import bench_ddp, config, gpu_check, harness, report, run, study
+from benchmarks import bench_ddp, config, floor, gpu_check, harness, report, run, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "benchmarks", "configs", "quick.yaml")
@@ -150,3 +150,36 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local"} <= set(result["throughput"]["ratios"])
     if dali.dali_available():
         assert result["dali"]["images"] > 0 and _number(result["dali"]["img_per_s"])
+
+
+@pytest.mark.slow
+def test_msam_floor_quick(tmp_path):
+    assert floor.main(["--config", os.path.join(ROOT, "benchmarks", "configs", "msam_floor_quick.yaml"), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "msam_floor_quick.json") as fh:
+        result = json.load(fh)
+    assert result["schema"] == floor.SCHEMA and result["finite"] is True and result["target"] == 1.15
+    b = result["config"]["batch_size"]
+    assert [(r["mode"], r["m"]) for r in result["records"]] == [(mode, b // k) for mode in floor.MODES for k in (1, 2, 4)]
+    for r in result["records"]:
+        k = r["k"]
+        if r["mode"] != "compiled":  # counted by a hook on the eager module
+            assert r["forwards_per_floor"] == 2 * k, "the floor: 2 b/m passes at batch m"
+        # the sequential step runs as many forwards as its floor; the batched one runs two vmapped ones
+        assert r["forwards_per_step"] == {"eager": 2 * k, "vmap": 2, "compiled": None}[r["mode"]]
+        assert r["floor_of"] == ("eager" if r["mode"] == "vmap" else r["mode"])
+        assert all(_number(r[key]) for key in ("ratio_to_floor", "ratio_to_floor_paired", "step_ratio_vs_sgd", "floor_ratio_vs_sgd"))
+        assert r["step_s"]["n"] == result["config"]["steps"] and isinstance(r["within_target"], bool)
+    for suffix in (".md", ".png"):
+        assert (tmp_path / f"msam_floor_quick{suffix}").stat().st_size > 0
+
+
+def test_floor_config_and_vmap_variant_validation():
+    with pytest.raises(ValueError, match="divisors"):
+        floor.FloorConfig(batch_size=32, divisors=(3,))
+    with pytest.raises(ValueError, match="modes"):
+        floor.FloorConfig(modes=("eager", "jit"))
+    with pytest.raises(ValueError, match="steps"):
+        floor.FloorConfig(steps=5)
+    v = config.parse_variant("msam-b/4-vmap", 32, 1, config.BenchConfig())
+    assert (v.ascent, v.micro_batch_size, v.micro_impl, v.name) == ("micro", 8, "vmap", "msam-b/4-vmap")
+    assert config.parse_variant("msam-b/4", 32, 1, config.BenchConfig()).micro_impl == "loop"
