@@ -144,12 +144,31 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert gpu_check.main(args) == 0
     with open(tmp_path / "gpu_check.json") as fh:
         result = json.load(fh)
-    assert result["schema"] == gpu_check.SCHEMA and result["dry_run"] is True and result["errors"] == {}
-    assert result["correctness"]["ok"] is True
-    assert set(result["throughput"]["variants"]) == set(gpu_check.VARIANTS)
-    assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local"} <= set(result["throughput"]["ratios"])
+    assert result["schema"] == gpu_check.SCHEMA and result["dry_run"] is True
+    assert result["errors"] == {} and result["skipped"] == {}, (result["errors"], result["skipped"])
+    ran = [s.name for s in gpu_check.SECTIONS if dali.dali_available() or not s.dali]
+    assert list(result["seconds"]) == ran, "every section ran, in order, and wrote its time"
+    assert result["correctness"]["ok"] is True and set(result["correctness"]) >= set(gpu_check.VARIANTS)
+    assert set(result["throughput_eager"]["variants"]) == set(gpu_check.VARIANTS)
+    assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local", "msam-b/4-vmap/msam-b/4"} <= set(result["throughput_eager"]["ratios"])
+    assert result["throughput_compiled"]["config"]["compile"] is True
+    assert set(result["throughput_compiled_rwsam"]["variants"]) == {"sgd", "rwsam-fd", "rwsam-last_layer"}
+    fp16 = result["fp16_scaler"]
+    assert fp16["ok"] and fp16["inf_step_skipped"] and fp16["scale_after_inf"] < fp16["scale_before_inf"]
+    trainer = result["ddp_dali_trainer"]
+    assert trainer["ok"] and trainer["wrapped"] == "DistributedDataParallel" and trainer["epochs_completed"] == 2
+    assert trainer["comm_per_step"]["allreduce_calls_per_step"] >= 1, "the DDP trainer all-reduced at world size 1"
     if dali.dali_available():
+        assert trainer["data_backend"] == "dali"
         assert result["dali"]["images"] > 0 and _number(result["dali"]["img_per_s"])
+
+
+def test_gpu_check_budget_skips_sections(tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0", "--only", "correctness,fp16_scaler"]) == 0
+    with open(tmp_path / "gpu_check.json") as fh:
+        result = json.load(fh)
+    assert set(result["skipped"]) == {"correctness", "fp16_scaler"} and "correctness" not in result
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "nonsense"]) == 2
 
 
 @pytest.mark.slow
