@@ -18,6 +18,7 @@ after ``--budget-s`` is recorded as skipped. The functions are in ``benchmarks.g
 4. ``ddp_dali_trainer``: the trainer wrapped in DDP at world size 1 over NCCL, 2 short epochs of
    SAM-local on synthetic JPEGs decoded by DALI ``mixed`` (nvJPEG).
 5. ``dali``: the loader's img/s on the same JPEGs after a warm-up epoch.
+   ``fsdp2``: ``benchmarks.gpu_checks.fsdp`` (FSDP2 at world size 1, resident and lean).
 6. ``throughput_compiled`` / ``throughput_compiled_rwsam``: as 2 through ``torch.compile``
    (inductor; warm-up compiles, ``wall_s`` includes it). Batched m-SAM is not repeated: it runs
    the eager module.
@@ -65,7 +66,7 @@ SECTIONS: list[Section] = [
     Section("fp16_scaler", sections.fp16_scaler),
     Section("ddp_dali_trainer", sections.ddp_trainer),
     Section("dali", sections.dali_throughput, dali=True),
-    # TODO-LEAD: the FSDP2 section goes here, e.g. Section("fsdp2", fsdp_sections.fsdp2_step).
+    Section("fsdp2", lambda opts, device, workdir: _fsdp2(device)),
     # TODO-LEAD: the DeepSpeed-fp16 section goes here, e.g. Section("deepspeed_fp16", ds_sections.fp16_step).
     Section("throughput_compiled", sections.time_compiled, needs="correctness"),
     Section("throughput_compiled_rwsam", sections.time_compiled_rwsam, needs="correctness"),
@@ -85,6 +86,13 @@ def _machine(device: str) -> dict[str, Any]:
     except ImportError:
         info["dali"] = None
     return info
+
+
+def _fsdp2(device: str) -> dict[str, Any]:
+    """``benchmarks.gpu_checks.fsdp``: FSDP2 at world size 1, resident and lean memory modes."""
+    from .gpu_checks import fsdp
+
+    return fsdp.run(dry_run=device != "cuda")
 
 
 def _run_section(section: Section, result: dict, opts: dict, device: str, workdir: str, t_start: float, budget_s: float) -> None:

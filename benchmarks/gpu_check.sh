@@ -12,7 +12,8 @@
 # 4. ddp_dali_trainer: the trainer, DDP at world size 1 over NCCL, 2 short epochs on synthetic JPEGs,
 #    DALI mixed (nvJPEG) decode;
 # 5. dali: the loader's decode img/s;
-#    (TODO-LEAD: FSDP2 and DeepSpeed-fp16 sections slot in here: one Section(...) entry each)
+#    fsdp2: benchmarks/gpu_checks/fsdp.py (world size 1, resident and lean);
+#    (TODO-LEAD: the DeepSpeed-fp16 section slots in here: one Section(...) entry)
 # 6. throughput_compiled(_rwsam): SGD, SAM-local, m-SAM b/4, then RW-SAM fd / last_layer, through
 #    torch.compile (inductor; compilation inside the warm-up, counted in wall_s).
 # No section starts after GPU_CHECK_BUDGET_S (330 s); the whole Python part stops at GPU_CHECK_LIMIT_S.

@@ -8,14 +8,12 @@
     engine.save_checkpoint("ckpt")        # SAM's step counter (and RW-SAM's mu) ride along
 
 ``{"sam": {"variant": "rwsam", "rho": 0.05, "ascent": "local", "lam": 0.5}}`` accepts the keys and
-values of :class:`dist_sam.config.SamConfig`. DeepSpeed refuses ``no_sync()`` under ZeRO-2 (and
-under ZeRO-1 with ``overlap_comm``), so the local ascent never goes through the engine:
-
-1. ascent gradient ``g = torch.autograd.grad(loss(engine.module(x)), params)``: it is returned,
-   never accumulated into ``.grad``, so ZeRO's gradient hooks (which reduce) never fire;
-2. ``w <- w + e(g)`` on the module's own parameters (bf16 under bf16), an exact copy kept;
-3. ``engine(x)`` and ``engine.backward(loss)``: the only gradient reduction, as in SGD;
-4. restore ``w`` from the copy; 5. ``engine.step()`` (clipping applies to the descent gradient).
+values of :class:`dist_sam.config.SamConfig`. The step is the shared core
+(:func:`dist_sam.core.sam_passes`) driving :class:`~dist_sam.distributed.deepspeed_engine.DeepSpeedStepEngine`:
+a local ascent through ``torch.autograd.grad`` on ``engine.module`` (ZeRO's reducing hooks never
+fire), the perturbation on the module's own parameters with an exact copy, ``engine(x)`` and
+``engine.backward(loss)`` as the only gradient reduction, the restore, then ``engine.step()``
+(clipping applies to the descent gradient).
 
 DeepSpeed owns the real (base) optimizer; a SAM-family object built on the module's parameters
 with a never-stepped ``SGD(lr=0)`` base supplies ``perturb``/``restore`` and RW-SAM's
@@ -38,7 +36,8 @@ from .bn import frozen_running_stats
 from .config import SamConfig
 from .distributed import collectives
 from .optim.rules import global_norm
-from .step import per_sample_losses
+from .core import per_sample_losses, sam_passes
+from .distributed.deepspeed_engine import DeepSpeedStepEngine
 
 __all__ = ["initialize", "SAMEngine", "load_config", "check_config"]
 
@@ -182,6 +181,7 @@ class SAMEngine:
         self.module = engine.module
         # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
+        self._step_engine = DeepSpeedStepEngine(engine, self.sam.params)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
         self._check_finite = self._arm_fp32_overflow_check()
 
@@ -253,63 +253,10 @@ class SAMEngine:
         return loss
 
     def _sam_passes(self, inputs: torch.Tensor, targets: torch.Tensor, c: int) -> torch.Tensor:
-        """Ascent and descent over ``c`` groups; one ``engine.backward`` (one reduction) at the end."""
-        params = self.sam.params
-        accumulated: list[torch.Tensor | None] = [None] * len(params)  # descent gradients of groups < c-1
-        losses_at_w = []
-        for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):
-            g, losses = self._ascent(x, y, params, group=self._micro_index * c + j)
-            losses_at_w.append(losses)
-            # A non-finite ascent gradient poisons this rank's descent loss; the reduction carries
-            # the NaN to every rank, and DeepSpeed's overflow check (bf16) skips the step on all.
-            poison = torch.where(torch.isfinite(global_norm([t for t in g if t is not None])), 1.0, math.nan)
-            self.sam.perturb(g)
-            try:
-                with frozen_running_stats(self.module):
-                    if j < c - 1:
-                        self._local_descent(x, y, params, poison, accumulated)
-                    else:
-                        self._engine_descent(x, y, params, poison, accumulated, c)
-            finally:
-                self.sam.restore()
-        return torch.cat(losses_at_w).float().mean()
-
-    def _ascent(self, x, y, params, group: int):
-        """Ascent gradient at ``w``, returned (never in ``.grad``), reduced only under ``global``."""
-        module = self.module
-        context = dict(model=module, module=module, loss_fn=self.loss_fn, rank=collectives.rank(),
-                       step=self.sam.num_steps, autocast=self._autocast, inputs=x, targets=y, group=group)
-        with torch.enable_grad(), self.sam.ascent_context(module):
-            with self._autocast():
-                outputs = module(x)  # not engine(x): the engine's forward arms its backward hooks
-                losses = per_sample_losses(self.loss_fn, outputs, y, x.shape[0])
-                objective = self.sam.ascent_loss(losses, outputs=outputs, **context)
-            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
-        if self.config.ascent == "global":
-            grads = [torch.zeros_like(p) if t is None else t for p, t in zip(params, grads)]
-            collectives.all_reduce_mean_(grads)
-        return grads, losses.detach()
-
-    def _local_descent(self, x, y, params, poison, accumulated) -> None:
-        """An m-SAM group's descent gradient, summed locally (no reduction)."""
-        with torch.enable_grad(), self._autocast():
-            descent = per_sample_losses(self.loss_fn, self.module(x), y, x.shape[0]).mean()
-        h = torch.autograd.grad(descent * poison.to(descent.device), params, allow_unused=True)
-        for i, t in enumerate(h):
-            if t is not None:
-                accumulated[i] = t.float() if accumulated[i] is None else accumulated[i].add_(t)
-
-    def _engine_descent(self, x, y, params, poison, accumulated, c: int) -> None:
-        """The last group's descent through the engine, plus the earlier groups' gradients.
-
-        ``sum(p * a)`` with ``a`` detached has gradient ``a`` whatever ``p`` is, so one
-        ``engine.backward`` hands DeepSpeed ``(1/c) Σ_j h_j`` and reduces it once.
-        """
-        descent = per_sample_losses(self.loss_fn, self.engine(x), y, x.shape[0]).mean()
-        for p, a in zip(params, accumulated):
-            if a is not None:
-                descent = descent + (p * a.to(p.dtype)).sum()
-        self.engine.backward(descent * poison.to(descent.device) / c)
+        """Ascent and descent over ``c`` groups (the shared core); one reduction at the end."""
+        return sam_passes(self._step_engine, self.sam, self.loss_fn, inputs, targets, c,
+                          sync_ascent=self.config.ascent == "global", autocast=self._autocast,
+                          context=dict(rank=collectives.rank()), group_offset=self._micro_index * c)
 
     # -- checkpointing: through the engine, SAM's counters in the client state ---------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):

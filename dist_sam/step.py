@@ -1,6 +1,8 @@
-"""``sam_step``: one SAM step of a (possibly DDP-wrapped) model, the one obvious path.
+"""``sam_step``: one SAM step of a plain, DDP-wrapped or FSDP2-sharded model, the one obvious path.
 
-ascent (device-local by default) -> perturb -> descent (synchronized) -> restore -> base step.
+ascent (device-local by default) -> perturb -> descent (synchronized) -> restore -> base step. The
+loop itself is :func:`dist_sam.core.sam_passes`; the model's engine (``dist_sam.distributed``:
+DDP, FSDP2) supplies what "local", "perturb" and "synchronized" mean for it.
 
 Ascent modes (SPEC.md §2), with ``n`` workers of per-worker batch ``b``:
 
@@ -27,17 +29,17 @@ import torch
 from torch import nn
 
 from .bn import frozen_running_stats
+from .core import LossFn, per_sample_losses, plain_passes, sam_passes
 from .distributed import collectives
 from .compiled import is_compiled
-from .distributed.ddp import check_model, ddp_of, local_module, no_grad_sync, unwrap
+from .distributed.engines import engine_for, is_fsdp
+from .distributed.ddp import ddp_of, local_module, unwrap
 from .optim.batched import MICRO_IMPLS, batched_micro_grads, check_batchable
-from .optim.rules import global_norm
 from .optim.sam import SAM
 
 __all__ = ["sam_step", "base_step", "ASCENT_MODES", "full_gradient", "per_sample_losses"]
 
 ASCENT_MODES = ("local", "micro", "global", "full")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -78,29 +80,6 @@ def _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation
     return b // m
 
 
-def per_sample_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
-    """``loss_fn(outputs, targets)``, checked to be one loss per sample (shape ``(n,)``).
-
-    Raises:
-        ValueError: ``loss_fn`` reduced the batch (``reduction="mean"``) or returned another shape.
-    """
-    losses = loss_fn(outputs, targets)
-    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(
-            f"loss_fn must return per-sample losses of shape ({n},) (use reduction='none'), got {shape}"
-        )
-    return losses
-
-
-def _swap_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Set ``p.grad = grads[i]`` and return what was there (pointer swaps, no copies)."""
-    old = [p.grad for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
-    return old
-
-
 def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor],
                   autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Mean gradient of the per-sample loss over every sample of ``data``, across all ranks (n-SAM).
@@ -139,12 +118,14 @@ def sam_step(
     ascent_data: Iterable | None = None,
     autocast_dtype: torch.dtype | None = None,
     freeze_bn: bool = True,
+    fsdp_memory: str | None = None,
     micro_impl: str = "loop",
 ) -> torch.Tensor:
     """Run one full SAM step and return the mean loss at ``w`` (detached, no host sync).
 
     Args:
-        model: the model, plain or ``DistributedDataParallel``-wrapped.
+        model: the model: plain, ``DistributedDataParallel``-wrapped, or sharded with FSDP2's
+            ``fully_shard`` (root and nested units; the optimizer on ``model.parameters()``).
         optimizer: a :class:`dist_sam.SAM` (any variant, RW-SAM included).
         loss_fn: ``loss_fn(outputs, targets)`` returning **per-sample** losses of shape ``(b,)``,
             e.g. ``nn.CrossEntropyLoss(reduction="none")``; RW-SAM weights them.
@@ -159,28 +140,36 @@ def sam_step(
         ascent_data: the dataset/loader whose mean gradient perturbs in ``full`` mode.
         autocast_dtype: run the forwards under ``torch.autocast`` with this dtype (e.g. bf16).
         freeze_bn: keep BatchNorm running statistics as the ascent forward left them.
+        fsdp_memory: FSDP2 models only: ``"resident"`` (default: the perturbed unsharded copies
+            stay resident from ascent to descent; one all-gather per step) or ``"lean"`` (the
+            ascent gradient is stashed and added after each unit's all-gather: one all-gather
+            more, about one full-size buffer less); see :mod:`dist_sam.distributed.fsdp`.
         micro_impl: ``loop`` (one micro-batch after another) or ``vmap`` (every micro-batch's
             ascent and descent as one ``torch.func`` computation, :mod:`dist_sam.optim.batched`:
-            the same step, ``b/m`` stacked copies of the weights); ``ascent="micro"`` only.
+            the same step, ``b/m`` stacked copies of the weights); ``ascent="micro"`` only, plain
+            or DDP models.
 
     Returns:
         The mean per-sample loss at the unperturbed weights ``w``.
     """
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
+    engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
+    engine.check(optimizer)
     _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn)
-    check_model(model)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
                          accumulation_steps=accumulation_steps, autocast_dtype=autocast_dtype)
-    params = optimizer.params
-    scale = scaler.scale if scaler is not None else (lambda t: t)
+    autocast = _autocast(inputs, autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
     if micro_impl == "vmap":
-        loss = _vmap_micro(model, optimizer, loss_fn, inputs, targets, micro_batch_size, _autocast(inputs, autocast_dtype))
-    else:
-        loss = _sam_passes(model, optimizer, loss_fn, inputs, targets, num_groups, ascent, ascent_data,
-                           params, _autocast(inputs, autocast_dtype), scale, scaler, freeze_bn)
-    _finish(optimizer, params, clip_grad_norm, scaler)
+        loss = _vmap_micro(model, optimizer, loss_fn, inputs, targets, micro_batch_size, autocast)
+        engine.finish(optimizer, clip_grad_norm, scaler)
+        return loss
+    fixed = full_gradient(model, loss_fn, ascent_data, optimizer.params, autocast) if ascent == "full" else None
+    loss = sam_passes(engine, optimizer, loss_fn, inputs, targets, num_groups, sync_ascent=ascent == "global",
+                      autocast=autocast, scale=scaler.scale if scaler is not None else None, fixed_grads=fixed,
+                      freeze_bn=freeze_bn, context=dict(rank=collectives.rank()))
+    engine.finish(optimizer, clip_grad_norm, scaler)
     return loss
 
 
@@ -191,6 +180,8 @@ def _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn) -
         return
     if ascent != "micro":
         raise ValueError(f"micro_impl='vmap' batches the micro-batches of ascent='micro', got ascent={ascent!r}")
+    if is_fsdp(model):
+        raise ValueError("micro_impl='vmap' runs on plain and DDP models; an FSDP2 model needs micro_impl='loop'")
     check_batchable(unwrap(model), optimizer, scaler=scaler, freeze_bn=freeze_bn)
     if is_compiled(model) or is_compiled(local_module(model)):
         warnings.warn("micro_impl='vmap' runs the eager module: torch.func transforms over a compiled module are "
@@ -231,99 +222,14 @@ def base_step(
     :func:`sam_step`; returns the mean loss.
     """
     _validate(optimizer, inputs, targets, "local", None, accumulation_steps, clip_grad_norm, None)
-    check_model(model)
-    autocast = _autocast(inputs, autocast_dtype)
+    engine = engine_for(model, scaler=scaler)
     optimizer.zero_grad(set_to_none=True)
-    loss = _plain_pass(model, loss_fn, inputs, targets, accumulation_steps, autocast,
-                       scaler.scale if scaler is not None else (lambda t: t))
-    _finish(optimizer, optimizer.params, clip_grad_norm, scaler)
+    loss = plain_passes(engine, loss_fn, inputs, targets, accumulation_steps, autocast=_autocast(inputs, autocast_dtype),
+                        scale=scaler.scale if scaler is not None else None)
+    engine.finish(optimizer, clip_grad_norm, scaler)
     return loss
 
 
 def _autocast(inputs: torch.Tensor, dtype: torch.dtype | None):
     device_type = inputs.device.type
     return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
-
-
-def _plain_pass(model, loss_fn, inputs, targets, k, autocast, scale) -> torch.Tensor:
-    """A base-optimizer step (``interval`` skips SAM): ``k`` chunks, one all-reduce."""
-    losses = []
-    for j, (x, y) in enumerate(zip(inputs.chunk(k), targets.chunk(k))):
-        with no_grad_sync(model, enabled=j < k - 1):
-            with autocast():
-                chunk = per_sample_losses(loss_fn, model(x), y, x.shape[0])
-            scale(chunk.mean() / k).backward()
-        losses.append(chunk.detach())
-    return torch.cat(losses).float().mean()
-
-
-def _sam_passes(model, optimizer, loss_fn, inputs, targets, c, ascent, ascent_data, params, autocast, scale, scaler, freeze_bn):
-    """Ascent and descent over ``c`` groups; the descent gradient ends up in ``.grad``."""
-    inv_scale = 1.0 / scale(torch.ones((), device=inputs.device)) if scaler is not None else None
-    g_full = full_gradient(model, loss_fn, ascent_data, params, autocast) if ascent == "full" else None
-    context = dict(model=model, module=local_module(model), loss_fn=loss_fn, rank=collectives.rank(),
-                   step=optimizer.num_steps, autocast=autocast)
-    losses_at_w = []
-    for j, (x, y) in enumerate(zip(inputs.chunk(c), targets.chunk(c))):
-        if g_full is None:
-            g, losses = _ascent(model, optimizer, loss_fn, x, y, params, ascent == "global", autocast, scale,
-                                dict(context, inputs=x, targets=y, group=j))
-        else:
-            g = g_full
-            with torch.no_grad(), no_grad_sync(model), autocast():  # the step's forward at w updates BN stats
-                losses = per_sample_losses(loss_fn, model(x), y, x.shape[0])
-        if inv_scale is not None and g_full is None:  # unscale before the norm (g_full is never scaled)
-            torch._foreach_mul_([t for t in g if t is not None], inv_scale)
-        losses_at_w.append(losses.detach())
-        # A non-finite ascent gradient poisons this rank's descent loss; the all-reduce then
-        # carries the NaN to every rank, so all of them skip the step together.
-        g_norm = global_norm([t for t in g if t is not None])
-        poison = torch.where(torch.isfinite(g_norm), 1.0, float("nan"))
-        # g is this group's own buffer (scaled in place) unless shared across groups (full).
-        optimizer.perturb(g, inplace=g_full is None, grad_norm=g_norm)
-        try:
-            with no_grad_sync(model, enabled=j < c - 1), frozen_running_stats(model, freeze_bn):
-                with autocast():
-                    descent = per_sample_losses(loss_fn, model(x), y, x.shape[0]).mean() / c
-                scale(descent * poison.to(descent.device)).backward()
-        finally:
-            optimizer.restore()
-    return torch.cat(losses_at_w).float().mean()
-
-
-def _ascent(model, optimizer, loss_fn, x, y, params, sync, autocast, scale, context):
-    """Ascent gradient at ``w`` on ``x`` (synchronized only when ``sync``), kept out of ``.grad``."""
-    stash = _swap_grads(params, [None] * len(params))  # descent gradients accumulated so far
-    with no_grad_sync(model, enabled=not sync), optimizer.ascent_context(model):
-        with autocast():
-            outputs = model(x)
-            losses = per_sample_losses(loss_fn, outputs, y, x.shape[0])
-            objective = optimizer.ascent_loss(losses, outputs=outputs, **context)
-        scale(objective).backward()
-    grads = _swap_grads(params, stash)
-    return grads, losses
-
-
-def _finish(optimizer: SAM, params, clip_grad_norm, scaler) -> None:
-    """Clip the averaged descent gradient, skip non-finite steps, step the base optimizer."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        before = optimizer.num_steps
-        scaler.step(optimizer)  # skips (on every rank: the gradients are all-reduced) on inf/NaN
-        scaler.update()
-        if optimizer.num_steps == before:  # skipped: keep counting steps for `interval` and seeds
-            optimizer.num_steps += 1
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        if clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        else:
-            norm = global_norm(grads)
-        if torch.isfinite(norm):
-            optimizer.step()
-        else:
-            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=3)
-            optimizer.num_steps += 1
-    optimizer.zero_grad(set_to_none=True)

@@ -44,3 +44,26 @@ def test_console_script_lists_commands():
     assert bench.returncode == 0 and "--config" in bench.stdout, bench.stderr
     bad = subprocess.run([sys.executable, "-m", "dist_sam.cli", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_algorithm_and_the_step_core_never_import_torch_distributed():
+    files = sorted((ROOT / "dist_sam" / "optim").glob("*.py")) + [ROOT / "dist_sam" / "core.py"]
+    for path in files:
+        bad = {n for n in _imports(path) if n.startswith("torch.distributed") or ".distributed" in n}
+        # rwsam's by-hand fallback for the rank imports collectives lazily, inside a function.
+        if path.name == "rwsam.py":
+            bad -= {"..distributed.collectives", "..distributed.collectives.rank"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -1,7 +1,8 @@
 """What "device-local" means under ``DistributedDataParallel``, and a gradient all-reduce counter.
 
-The SAM algorithm never imports ``torch.distributed``; :func:`dist_sam.sam_step` asks this module
-for the context in which a pass must not synchronize gradients.
+The SAM algorithm never imports ``torch.distributed``; the step core's DDP engine
+(:class:`dist_sam.distributed.engines.DDPEngine`) asks this module for the context in which a pass
+must not synchronize gradients.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def perturbation(
     normalize: bool = True,
     inplace: bool = False,
     grad_norm: torch.Tensor | None = None,
+    norm_fn=global_norm,
 ) -> list[torch.Tensor]:
     """The ascent step ``e`` for every parameter.
 
@@ -73,6 +74,8 @@ def perturbation(
         inplace: SAM and USAM may scale ``grads`` in place and return them (no new memory);
             for callers that own ``grads``.
         grad_norm: ``||g||`` if the caller already has it (SAM reuses it; ASAM ignores it).
+        norm_fn: the global norm of a list of tensors; a sharded caller passes one that reduces
+            across shards (the tensors are then each rank's local shards).
 
     Returns:
         One tensor per parameter, in the parameter's dtype.
@@ -90,7 +93,7 @@ def perturbation(
             torch._foreach_mul_(direction, rhos)
             return direction
         return [(r * d).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
-    norm = global_norm(scaled) if grad_norm is None or adaptive else grad_norm
+    norm = norm_fn(scaled) if grad_norm is None or adaptive else grad_norm
     inv_norm = 1.0 / (norm + EPS_NORM)  # float32 or wider
     if inplace and not adaptive and all(d.dtype == p.dtype for d, p in zip(direction, params)):
         if len(set(rhos)) == 1 and len({d.device for d in direction}) == 1:

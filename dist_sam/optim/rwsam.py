@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 from ..compiled import is_compiled, strip_compiled
-from ..distributed.collectives import rank as _current_rank
-from ..distributed.ddp import local_module, unwrap
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -36,6 +34,18 @@ ESTIMATORS = ("fd", "exact", "last_layer")
 NORMALIZATIONS = ("zscore", "mean", "none")
 _EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 logger = logging.getLogger("dist_sam")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a data-parallel wrapper (DDP, a DeepSpeed engine), by its ``module``."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _current_rank() -> int:
+    from ..distributed.collectives import rank  # only for by-hand use: sam_step passes the rank
+
+    return rank()
 
 
 def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
@@ -160,11 +170,11 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(unwrap(model))
-        if is_compiled(model) or is_compiled(local_module(model)):
+        layer = self._final_linear(strip_compiled(_unwrap(strip_compiled(model))))
+        if is_compiled(model) or is_compiled(_unwrap(model)):
             # torch.compile does not guard on forward hooks (torch._dynamo.config.
-            # skip_nnmodule_hook_guards): one hook, registered before the first compiled forward,
-            # stays and is traced into the graph; it captures every forward, the ascent's is read.
+            # skip_nnmodule_hook_guards): one hook, traced into the graph, stays; it captures
+            # every forward, and the ascent's capture is read.
             self._ensure_persistent_hook(layer)
             self._captured = self._persistent_hook[2].value = None
             yield
@@ -221,12 +231,15 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
-        ids = {id(p) for p in self.params}
-        eager = strip_compiled(module)  # torch.func.grad cannot run over a compiled module
-        named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # v covers them in this order
+        eager = strip_compiled(module)  # torch.func.grad cannot run over a compiled module (dist_sam.compiled)
+        if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
+            named = named_eager = context["named_params"]()
+        else:
+            ids = {id(p) for p in self.params}
+            named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+            named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # the same, unprefixed
         if self.estimator == "exact":
             return exact_norms(eager, loss_fn, x, y, named_eager, rng_state=rng_state)
-        named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # same order, maybe `_orig_mod.`
         step = context.get("step", self.num_steps)
         rank = context.get("rank", None)
         seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
@@ -238,12 +251,13 @@ class RWSAM(SAM):
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
-        if self.is_perturbed:
-            return None
         params = self.params
+        index = {id(p): i for i, p in enumerate(params)}
+        if self.is_perturbed or not all(id(p) in index for p in named.values()):
+            return None  # perturbed, or a sharded engine's copies: the estimator allocates its own
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
-        index = {id(p): i for i, p in enumerate(params)}
+        self._backup_is_w = False  # the estimator writes w + mu·v into it
         return {n: self._backup[index[id(p)]] for n, p in named.items()}
 
     def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
@@ -261,7 +275,7 @@ class RWSAM(SAM):
     def _require(context: dict) -> tuple:
         module = context.get("module")
         if module is None and context.get("model") is not None:
-            module = local_module(context["model"])
+            module = _unwrap(context["model"])
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]

@@ -95,6 +95,7 @@ class SAM(torch.optim.Optimizer):
         self.interval = interval
         self.num_steps = 0  # optimizer steps taken (SAM or plain); drives `interval`
         self._backup: list[torch.Tensor] | None = None  # exact copy of w while perturbed
+        self._backup_is_w = False  # the backup still equals w (reusable within one step)
         self._perturbed = False
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -123,7 +124,8 @@ class SAM(torch.optim.Optimizer):
     # -- the SAM primitives ------------------------------------------------------------------
     @torch.no_grad()
     def perturb(
-        self, grads: Sequence[torch.Tensor | None], *, inplace: bool = False, grad_norm: torch.Tensor | None = None
+        self, grads: Sequence[torch.Tensor | None], *, inplace: bool = False, grad_norm: torch.Tensor | None = None,
+        reuse_backup: bool = False,
     ) -> None:
         """``w <- w + e(g)`` for the ascent gradients ``grads`` (aligned with :attr:`params`).
 
@@ -131,6 +133,8 @@ class SAM(torch.optim.Optimizer):
         gradient leaves its parameter where it is. ``inplace=True`` lets the rule overwrite
         ``grads`` (SAM and USAM then need no extra memory); pass it only for buffers you own.
         ``grad_norm`` is ``||g||`` over every non-``None`` gradient, if the caller has it.
+        ``reuse_backup=True`` skips the copy when the backup still holds ``w`` from this step's
+        previous :meth:`perturb`/:meth:`restore` (m-SAM: one copy of ``w`` per step, not per group).
         """
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
@@ -139,7 +143,10 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
         if self._backup is None or len(self._backup) != len(params):
             self._backup = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._backup, [p.detach() for p in params])
+            self._backup_is_w = False
+        if not (reuse_backup and self._backup_is_w):
+            torch._foreach_copy_(self._backup, [p.detach() for p in params])
+        self._backup_is_w = True
         self._perturbed = True
         live = [(p, g, group) for p, g, group in zip(params, grads, self._group_of_params()) if g is not None]
         if live and any(group["rho"] != 0 for _, _, group in live):
@@ -148,9 +155,11 @@ class SAM(torch.optim.Optimizer):
 
     def compute_perturbation(
         self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], *,
-        inplace: bool = False, grad_norm: torch.Tensor | None = None,
+        inplace: bool = False, grad_norm: torch.Tensor | None = None, norm_fn=None,
     ) -> list[torch.Tensor]:
         """The rule of this variant (SPEC.md §1), one global norm across all param groups.
+
+        ``norm_fn`` replaces the global norm (a sharded engine's, across shards).
 
         ``rho`` and ``eta`` may differ per param group (a rho schedule works like an LR
         schedule); ``adaptive`` and ``normalize`` are optimizer-wide.
@@ -164,6 +173,7 @@ class SAM(torch.optim.Optimizer):
             normalize=self.defaults["normalize"],
             inplace=inplace,
             grad_norm=grad_norm,
+            **({} if norm_fn is None else {"norm_fn": norm_fn}),
         )
 
     def _group_of_params(self) -> list[dict]:
