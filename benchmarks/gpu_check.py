@@ -90,9 +90,19 @@ def _machine(device: str) -> dict[str, Any]:
 
 def _fsdp2(device: str) -> dict[str, Any]:
     """``benchmarks.gpu_checks.fsdp``: FSDP2 at world size 1, resident and lean memory modes."""
+    import socket
+
     from .gpu_checks import fsdp
 
-    return fsdp.run(dry_run=device != "cuda")
+    saved = dict(os.environ)  # its own world-size-1 group: a free port, and the environment put back
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    try:
+        return fsdp.run(dry_run=device != "cuda")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _run_section(section: Section, result: dict, opts: dict, device: str, workdir: str, t_start: float, budget_s: float) -> None:
