@@ -1,40 +1,77 @@
-"""Atomic, rank-0, keep-last-K checkpoints that load with ``torch.load(weights_only=True)``.
+"""Checkpoints as step directories with a manifest, written atomically, verified on load.
 
-A checkpoint is one file ``<dir>/ckpt_<step:09d>.pt`` holding a plain dict of tensors and Python
-containers (no pickled objects), so it loads with ``weights_only=True``. Writing goes to a temporary
-file in the same directory, is flushed and ``fsync``-ed, then renamed over the final name (atomic
-on POSIX) and the directory is ``fsync``-ed: a process killed mid-write leaves at most a stray
-``.tmp`` file, never a truncated checkpoint, and the previous checkpoint stays loadable.
+Layout (one directory per checkpoint, whatever the engine)::
 
-Loading refuses (``CheckpointError``) a file whose model weights are not finite, or whose saved
-config differs from the running one in a key that affects the result.
+    <dir>/step_000000123/
+        state.pt         the payload (DDP: rank 0's whole training state; torch.save, weights_only-safe)
+        manifest.json    written last: every file's size and SHA-256, what the loader must check
+
+A checkpoint is assembled in a staging directory ``<dir>/.step_000000123.partial`` (a name every
+rank can compute, so several writers -- e.g. torch.distributed.checkpoint, where every rank writes
+its shard -- can fill it), then one process writes the manifest, ``fsync``-s and renames the
+staging directory to its final name. A process killed mid-write leaves a ``.partial`` directory
+that no reader looks at and the next writer removes; the previous checkpoints stay loadable. The
+newest ``keep_last`` step directories are kept.
+
+The collective part (who writes what, barriers) is the caller's: this module never talks to other
+processes. A single writer calls :func:`save_checkpoint`; several writers call
+:func:`begin_checkpoint` (one process, then a barrier), :func:`write_file` or :func:`describe_file`
+(each writer), then :func:`commit_checkpoint` (one process, with every writer's file records).
+
+:func:`load_checkpoint` checks the manifest (every file present, sizes and checksums equal),
+reads the payload with ``torch.load(weights_only=True)``, checks the keys the manifest requires
+and that the model weights are finite, and compares the saved config with the running one. Every
+failure is a :class:`CheckpointError` naming the path and the cause; damage (anything but a
+config mismatch) is a :class:`DamagedCheckpointError`, which ``checkpoint.resume=auto`` skips.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
-import tempfile
+import shutil
 from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "config_diff"]
+__all__ = ["CheckpointError", "DamagedCheckpointError", "save_checkpoint", "begin_checkpoint", "write_file",
+           "describe_file", "commit_checkpoint", "staging_dir", "step_dir", "list_checkpoints", "latest_checkpoint",
+           "read_manifest", "verify_checkpoint", "load_checkpoint", "config_diff", "MANIFEST", "PAYLOAD", "FORMAT"]
 
-_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+MANIFEST = "manifest.json"
+PAYLOAD = "state.pt"
+FORMAT = "dist-sam-checkpoint/2"
+_NAME = re.compile(r"^step_(\d{9})$")
+_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that must not be resumed from (non-finite weights, another config)."""
+    """A checkpoint that must not be resumed from; the message names the path and the cause."""
+
+    def __init__(self, path: str, reason: str, advice: str = "") -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"checkpoint {path}: {reason}" + (f"; {advice}" if advice else ""))
 
 
-def _path(directory: str, step: int) -> str:
-    return os.path.join(directory, f"ckpt_{step:09d}.pt")
+class DamagedCheckpointError(CheckpointError):
+    """The checkpoint cannot be read as written: missing, truncated, altered, incomplete or non-finite."""
+
+
+def step_dir(directory: str, step: int) -> str:
+    """The final directory of the checkpoint at global step ``step``."""
+    return os.path.join(directory, f"step_{step:09d}")
+
+
+def staging_dir(directory: str, step: int) -> str:
+    """Where the checkpoint at ``step`` is assembled (the same path on every rank)."""
+    return os.path.join(directory, f".step_{step:09d}.partial")
 
 
 def list_checkpoints(directory: str) -> list[str]:
-    """Finished checkpoints in ``directory``, oldest step first (``.tmp`` files are ignored)."""
+    """Committed step directories in ``directory``, oldest step first (staging directories are ignored)."""
     if not os.path.isdir(directory):
         return []
     found = sorted((int(m.group(1)), m.group(0)) for m in map(_NAME.match, os.listdir(directory)) if m)
@@ -42,7 +79,7 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def latest_checkpoint(directory: str) -> str | None:
-    """The newest finished checkpoint in ``directory``, or ``None``."""
+    """The newest committed checkpoint directory in ``directory``, or ``None``."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
@@ -58,33 +95,152 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: Mapping[str, Any], directory: str, *, step: int, keep_last: int = 3) -> str:
-    """Write ``state`` atomically as ``ckpt_<step>.pt`` and delete all but the newest ``keep_last``.
+class _HashingWriter:
+    """A file object that hashes and counts what passes through (no second read of the file)."""
 
-    Call on rank 0 only (the caller gathers per-rank state first). Returns the final path.
+    def __init__(self, fh) -> None:
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def begin_checkpoint(directory: str, step: int) -> str:
+    """Create an empty staging directory for ``step`` (one process; the others wait for it)."""
+    os.makedirs(directory, exist_ok=True)
+    for stale in (n for n in os.listdir(directory) if n.startswith(".step_") and n.endswith(".partial")):
+        shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)  # left by a writer killed mid-write
+    path = staging_dir(directory, step)
+    os.makedirs(path)
+    return path
+
+
+def write_file(staging: str, name: str, obj: Any) -> dict[str, Any]:
+    """``torch.save(obj)`` as ``staging/name``, flushed and ``fsync``-ed; returns its manifest record."""
+    with open(os.path.join(staging, name), "wb") as fh:
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"bytes": writer.size, "sha256": writer.sha.hexdigest()}
+
+
+def describe_file(path: str) -> dict[str, Any]:
+    """The manifest record (size, SHA-256) of a file another writer produced."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": sha.hexdigest()}
+
+
+def commit_checkpoint(staging: str, directory: str, step: int, files: Mapping[str, Mapping[str, Any]], *,
+                      required: Iterable[str] = (), finite: Iterable[str] = (), meta: Mapping[str, Any] | None = None,
+                      keep_last: int = 3) -> str:
+    """Write the manifest last, rename ``staging`` to the step directory, keep the newest ``keep_last``.
+
+    Args:
+        staging: from :func:`begin_checkpoint`, holding every file of ``files``.
+        directory: the checkpoint directory.
+        step: the global step.
+        files: ``{relative name: record}`` from :func:`write_file` / :func:`describe_file`.
+        required: top-level keys the payload must hold.
+        finite: top-level payload keys (state dicts) whose floating-point tensors must be finite.
+        meta: JSON-safe facts for readers (engine, world size, batch plan...).
+        keep_last: step directories to keep (>= 1).
+
+    Returns:
+        The final step directory.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-    os.makedirs(directory, exist_ok=True)
-    for stale in (n for n in os.listdir(directory) if n.startswith(".ckpt_") and n.endswith(".tmp")):
-        os.unlink(os.path.join(directory, stale))  # left by a writer killed mid-write (one writer: rank 0)
-    final = _path(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".ckpt_{step:09d}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is as readable as any output
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    manifest = {"format": FORMAT, "step": step, "payload": PAYLOAD if PAYLOAD in files else None,
+                "files": {name: dict(rec) for name, rec in files.items()},
+                "verify": {"required": list(required), "finite": list(finite)}, "meta": dict(meta or {})}
+    with open(os.path.join(staging, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(staging)
+    final = step_dir(directory, step)
+    if os.path.exists(final):  # the same step saved again (mid-epoch, then at the epoch's end)
+        old = f"{staging}.old"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep_last]:
-        os.unlink(old)
+    for stale in list_checkpoints(directory)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_checkpoint(state: Mapping[str, Any], directory: str, *, step: int, keep_last: int = 3,
+                    required: Iterable[str] = (), finite: Iterable[str] = ("model",),
+                    meta: Mapping[str, Any] | None = None) -> str:
+    """One writer: ``state`` as ``step_<step>/state.pt`` plus its manifest, atomically; returns the directory."""
+    staging = begin_checkpoint(directory, step)
+    try:
+        record = write_file(staging, PAYLOAD, dict(state))
+        return commit_checkpoint(staging, directory, step, {PAYLOAD: record}, required=required or list(state),
+                                 finite=[k for k in finite if k in state], meta=meta, keep_last=keep_last)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the checkpoint directory ``path``.
+
+    Raises:
+        DamagedCheckpointError: no manifest, unreadable, not JSON, or another format.
+    """
+    file = os.path.join(path, MANIFEST)
+    try:
+        with open(file) as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, f"no {MANIFEST} (not a finished dist-sam checkpoint)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpointError(path, f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DamagedCheckpointError(path, f"{MANIFEST} is not a {FORMAT} manifest (format {found!r})")
+    return manifest
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Check that every file the manifest lists is present with its recorded size and SHA-256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        DamagedCheckpointError: naming the first file that is missing, of another size, or altered.
+    """
+    manifest = read_manifest(path)
+    for name, record in manifest["files"].items():
+        file = os.path.join(path, name)
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            raise DamagedCheckpointError(file, "missing (listed in the manifest)") from None
+        if size != record.get("bytes"):
+            raise DamagedCheckpointError(file, f"size {size} bytes, but {record.get('bytes')} were written (truncated?)")
+        try:
+            found = describe_file(file)["sha256"]
+        except OSError as err:
+            raise DamagedCheckpointError(file, f"unreadable ({err})") from None
+        if found != record.get("sha256"):
+            raise DamagedCheckpointError(file, "SHA-256 differs from the one recorded when it was written (altered)")
+    return manifest
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -111,47 +267,59 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: It
             for k in sorted(set(a) | set(b)) if not ignored(k) and a.get(k) != b.get(k)]
 
 
-def _non_finite(weights: Mapping[str, Any]) -> list[str]:
-    bad = []
-    for name, value in weights.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-        elif isinstance(value, float) and not math.isfinite(value):
-            bad.append(name)
-    return bad
+def _non_finite(weights: Any) -> list[str]:
+    if not isinstance(weights, Mapping):
+        return []
+    return [name for name, value in _flatten(weights).items()
+            if (isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()))
+            or (isinstance(value, float) and not math.isfinite(value))]
 
 
-def load_checkpoint(
-    path: str,
-    *,
-    config: Mapping[str, Any] | None = None,
-    ignore: Iterable[str] = (),
-    map_location: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and check that it may be resumed from.
+def _read_payload(path: str, manifest: Mapping[str, Any], map_location) -> dict[str, Any]:
+    name = manifest.get("payload")
+    if not name:
+        raise DamagedCheckpointError(path, f"the manifest names no {PAYLOAD} payload (engine "
+                                           f"{manifest.get('meta', {}).get('engine')!r}); load it with that engine")
+    file = os.path.join(path, name)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch.load fails in many ways; the user gets one message
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DamagedCheckpointError(file, f"torch.load failed ({type(err).__name__}: {cause[:300]})") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(file, f"holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_checkpoint(path: str, *, config: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load a checkpoint directory; check that it may be resumed from.
 
     Args:
-        path: the checkpoint file.
+        path: the step directory.
         config: the running config (a nested dict); compared with the saved ``state["config"]``.
         ignore: config keys allowed to differ (see :func:`config_diff`).
         map_location: where tensors land.
 
     Raises:
-        CheckpointError: ``state["model"]`` holds NaN/inf, or the configs differ.
+        DamagedCheckpointError: a manifest check fails, ``torch.load`` fails, a key the manifest
+            requires is missing, or the model weights hold NaN/inf.
+        CheckpointError: the configs differ.
     """
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    bad = _non_finite(state.get("model", {}))
-    if bad:
-        raise CheckpointError(
-            f"refusing checkpoint {path}: non-finite values (NaN/inf) in {len(bad)} model tensor(s), "
-            f"e.g. {bad[:3]}; resume from an earlier checkpoint instead"
-        )
+    manifest = verify_checkpoint(path)
+    state = _read_payload(path, manifest, map_location)
+    file = os.path.join(path, manifest["payload"])
+    missing = [k for k in manifest["verify"].get("required", []) if k not in state]
+    if missing:
+        raise DamagedCheckpointError(file, f"missing key(s) {missing} that the manifest requires")
+    for key in manifest["verify"].get("finite", []):
+        bad = _non_finite(state.get(key))
+        if bad:
+            raise DamagedCheckpointError(file, f"non-finite values (NaN/inf) in {len(bad)} {key} tensor(s), e.g. {bad[:3]}")
     if config is not None:
         diff = config_diff(state.get("config", {}), config, ignore)
         if diff:
-            raise CheckpointError(
-                f"refusing checkpoint {path}: it was written with a different config ({len(diff)} key(s) "
-                f"differ: {'; '.join(diff[:5])}). Resume with the same config, or start a new run "
-                "(another output_dir, or checkpoint.resume=never)"
-            )
+            raise CheckpointError(path, f"it was written with a different config ({len(diff)} key(s) differ: "
+                                  f"{'; '.join(diff[:5])})", "resume with the same config, or start a new run "
+                                  "(another output_dir, or checkpoint.resume=never)")
     return state

@@ -6,8 +6,12 @@
 #
 # NODE_RANK is advisory under c10d (torchrun may assign node ranks in arrival order, and again after
 # a restart); training does not depend on it: checkpoints are rank-independent. --max-restarts
-# restarts every worker when one fails; they resume from the latest checkpoint (checkpoint.dir must
-# be on storage all nodes share).
+# restarts every worker when one fails; they resume from the latest checkpoint that loads
+# (checkpoint.dir must be on storage all nodes share), at any world size that keeps the global batch.
+# A worker sent SIGTERM or SIGUSR1 finishes its step; all workers agree to stop, write a checkpoint
+# and exit with status 75, which torchrun restarts like a failure (one of --max-restarts). SIGTERM
+# to torchrun itself is forwarded to the workers; it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+# for that checkpoint before SIGKILL, then exits (the scheduler restarts the job).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${NNODES:=1}"
@@ -17,6 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${RUN_ID:=dist-sam}"
 : "${MAX_RESTARTS:=3}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}"
 
 exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RUN_ID" --max-restarts="$MAX_RESTARTS" \

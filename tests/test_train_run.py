@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dist_sam.checkpoint import list_checkpoints
+from dist_sam.checkpoint import list_checkpoints, load_checkpoint
 from dist_sam.train import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +121,9 @@ def test_resume_is_bit_exact_world_size_1(tiny_data, tmp_path):
     assert not json.load(open(os.path.join(split, "summary.json")))["finished"]
     assert cli.main(["--config", cfg]) == 0
     summary = json.load(open(os.path.join(split, "summary.json")))
-    assert summary["finished"] and summary["resumed_from"].endswith("ckpt_000000003.pt")
+    assert summary["finished"] and summary["resumed_from"].endswith("step_000000003")
     assert_bit_equal(weights(straight), weights(split))
-    a, b = (torch.load(list_checkpoints(os.path.join(d, "checkpoints"))[-1], weights_only=True) for d in (straight, split))
+    a, b = (load_checkpoint(list_checkpoints(os.path.join(d, "checkpoints"))[-1]) for d in (straight, split))
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["optimizer"]["rwsam"] == b["optimizer"]["rwsam"] and a["scheduler"] == b["scheduler"]

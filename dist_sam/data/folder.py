@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -131,6 +132,13 @@ class IndexedImageFolder(ImageFolder):
             return self.transform(image), label, valid, -1
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """``worker_init_fn``: a loader process ignores SIGTERM/SIGUSR1/SIGUSR2, as torchrun signals the
+    whole process group; the training process decides when to stop and shuts its loaders down."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class ShardSampler(DistributedSampler):
     """A ``DistributedSampler`` that follows the shared ``ShardPlan`` instead of its own order.
 
@@ -183,6 +191,10 @@ class TorchvisionLoader(ShardedLoader):
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
+            # its own generator: starting an epoch (or resuming mid-epoch) never draws from the
+            # global RNG, whose streams (dropout) then resume exactly
+            generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 2)),
         )
         for images, labels, valid, failed in loader:
             failed_paths = {

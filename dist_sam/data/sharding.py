@@ -1,11 +1,16 @@
 """Which sample each rank reads at each step: one plan shared by the DALI and torchvision backends.
 
 Epoch ``e`` orders the ``N`` samples by a permutation seeded with ``(seed, e)`` (training) or keeps
-folder order (validation), repeats samples cyclically up to ``world_size * per_rank`` entries and
-gives rank ``r`` the contiguous slice ``[r * per_rank, (r + 1) * per_rank)`` -- exactly how DALI's
-``readers.file(shard_id=r, num_shards=world_size)`` splits a list whose length is a multiple of
-``world_size``. Every rank therefore runs ``ceil(per_rank / batch_size)`` steps, and each entry
-carries ``valid``: ``False`` for the repeats, so every sample counts exactly once per epoch.
+folder order (validation) and repeats samples cyclically up to ``world_size * per_rank`` entries.
+Training is ordered by *global* sample index: with the global batch ``B = world_size * batch_size``,
+step ``s`` reads positions ``[s * B, (s + 1) * B)`` of the epoch's order and rank ``r`` the slice
+``[s * B + r * batch_size, s * B + (r + 1) * batch_size)`` of it, so a step sees the same samples
+whatever the world size (``launch/train.py`` re-plans the per-worker batch on a resume at another
+world size). The plan lists each rank's entries contiguously -- rank ``r`` reads ``[r * per_rank,
+(r + 1) * per_rank)`` of ``indices``, exactly how DALI's ``readers.file(shard_id=r,
+num_shards=world_size)`` splits a list whose length is a multiple of ``world_size``. Every rank
+runs ``ceil(per_rank / batch_size)`` steps, and each entry carries ``valid``: ``False`` for the
+repeats, so every sample counts exactly once per epoch.
 
 * training: ``per_rank`` is ``ceil(N / world_size)`` rounded up to whole batches (static shapes,
   never a batch of one for BatchNorm), or rounded down with ``drop_last``;
@@ -86,7 +91,11 @@ def shard_plan(
     if train:
         order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_samples)
     total = per_rank * world_size
-    return ShardPlan(np.resize(order, total), np.arange(total) < num_samples, per_rank)
+    indices, valid = np.resize(order, total), np.arange(total) < num_samples
+    if train:  # global order (steps, ranks, batch) -> each rank's entries contiguous (ranks, steps, batch)
+        layout = lambda a: a.reshape(-1, world_size, batch_size).transpose(1, 0, 2).reshape(-1)  # noqa: E731
+        indices, valid = layout(indices), layout(valid)
+    return ShardPlan(indices, valid, per_rank)
 
 
 def count_correct(

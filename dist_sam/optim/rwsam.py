@@ -157,6 +157,12 @@ class RWSAM(SAM):
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
         self._persistent_hook: tuple | None = None  # (layer, handle, box) under torch.compile (last_layer)
+        #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
+        #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
+        self.groups_per_rank: int | None = None
+        #: ``{global group: mu}`` overriding :attr:`mu` for those groups (with :attr:`groups_per_rank`):
+        #: a worker that took over groups whose ranks calibrated different ``mu`` keeps each one.
+        self.group_mu: dict[int, float] = {}
 
     # -- hooks called by sam_step --------------------------------------------------------------
     @contextlib.contextmanager
@@ -240,14 +246,30 @@ class RWSAM(SAM):
             named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # the same, unprefixed
         if self.estimator == "exact":
             return exact_norms(eager, loss_fn, x, y, named_eager, rng_state=rng_state)
-        step = context.get("step", self.num_steps)
-        rank = context.get("rank", None)
-        seed = direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
+        seed = self._direction_seed(context)
         autocast = context.get("autocast") or contextlib.nullcontext
         if self.mu is None:
             self._calibrate(eager, loss_fn, x, y, losses, named_eager, seed, autocast, rng_state)
-        return fd_norms(module, loss_fn, x, y, losses, named, self.mu, seed=seed, num_directions=self.num_directions,
+        mu = self.group_mu.get(self._global_group(context), self.mu) if self.group_mu else self.mu
+        return fd_norms(module, loss_fn, x, y, losses, named, mu, seed=seed, num_directions=self.num_directions,
                         autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
+
+    def _global_group(self, context: dict) -> int | None:
+        """``rank * c + group`` when :attr:`groups_per_rank` is ``c``, else ``None``."""
+        if self.groups_per_rank is None:
+            return None
+        rank = context.get("rank", None)
+        return (_current_rank() if rank is None else rank) * self.groups_per_rank + context.get("group", 0)
+
+    def _direction_seed(self, context: dict) -> int:
+        """Directions per ``(rank, group)``, or per global group ``rank * c + group`` when
+        :attr:`groups_per_rank` is ``c`` (then the same samples get the same directions at any
+        world size that keeps the group size; with ``c = 1`` both numberings agree)."""
+        step = context.get("step", self.num_steps)
+        if self.groups_per_rank is not None:
+            return direction_seed(self.seed, step, self._global_group(context), 0)
+        rank = context.get("rank", None)
+        return direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
@@ -334,9 +356,12 @@ class RWSAM(SAM):
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """SAM's state dict plus ``{"rwsam": {"mu": ...}}`` (the calibrated ``mu``, or ``None``)."""
+        """SAM's state dict plus ``{"rwsam": {"mu": ...}}`` (the calibrated ``mu``, or ``None``), and
+        ``"group_mu"`` there when :attr:`group_mu` is set."""
         state = super().state_dict()
         state["rwsam"] = {"mu": self.mu}
+        if self.group_mu:
+            state["rwsam"]["group_mu"] = dict(self.group_mu)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,6 +371,8 @@ class RWSAM(SAM):
         super().load_state_dict(state_dict)
         if self.auto_mu and saved.get("mu") is not None:
             self.mu = float(saved["mu"])
+        if self.auto_mu:
+            self.group_mu = {int(g): float(m) for g, m in saved.get("group_mu", {}).items()}
 
     def __repr__(self) -> str:
         mu = "auto" if self.auto_mu and self.mu is None else self.mu

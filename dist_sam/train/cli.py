@@ -4,7 +4,9 @@
         [--launcher env|mpi] [--deepspeed ds_config.json] [--print-config]
 
 The config is read and validated (every section, every key) before any process group, file or
-model is touched; a bad value exits with status 2 and a message naming the key.
+model is touched; a bad value exits with status 2 and a message naming the key, as does a
+checkpoint that must not be resumed from. A run stopped by a signal (``checkpoint.signals``)
+exits with status 75 after writing its checkpoint: torchrun restarts, ``launch/slurm.sbatch`` requeues.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..data import DatasetLayoutError
 from ..distributed.env import discover
 from ..distributed.launch import LAUNCHERS, init_distributed
 from .config import dump_yaml, load_config
+from .preempt import PREEMPTED_EXIT
 
 __all__ = ["main", "build_parser"]
 
@@ -88,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return PREEMPTED_EXIT if summary.get("preempted") else 0
 
 
 def _report(output_dir: str, summary: dict) -> None:
     state = "finished" if summary.get("finished") else f"stopped at step {summary.get('global_step')} (resumable)"
+    if summary.get("preempted"):
+        state += f" on {summary.get('stop_signal')}"
     top1 = summary.get("top1")
     acc = f", val top-1 {top1:.2f}%" if top1 is not None else ""
     log.info("%s%s, %.0f img/s", state, acc, summary.get("images_per_second") or 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +26,7 @@ __all__ = ["TrainConfig", "RunConfig", "ModelConfig", "OptimConfig", "ScheduleCo
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: ``torch.compile`` modes (``model.compile_mode``; ``null`` is torch's default).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_UNCATCHABLE = ("SIGKILL", "SIGSTOP", "SIGCHLD", "SIGCLD", "SIGRTMIN", "SIGRTMAX")
 BASES = ("sgd", "adamw", "adam")
 #: Keys that may change between a run and its resume (paths, logging, stopping, loader threads).
 RESUME_MAY_DIFFER = ("run.output_dir", "run.stop_at_step", "run.log_every", "run.progress", "run.tensorboard",
@@ -129,6 +131,8 @@ class OptimConfig:
 
     ``lr`` is the peak LR. With ``reference_batch_size`` set, it is the LR for that *global* batch
     and is scaled linearly to the actual one (``lr * world_size * batch_size / reference``).
+    ``accumulation_steps`` splits each worker's batch into that many chunks (one forward each, one
+    gradient all-reduce per step; under SAM's local ascent each chunk has its own ascent, m-SAM).
     """
 
     base: str = "sgd"
@@ -139,6 +143,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
     reference_batch_size: int | None = None
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         _choice("optim.base", self.base, BASES)
@@ -149,6 +154,7 @@ class OptimConfig:
         _num("optim.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _num("optim.clip_grad_norm", self.clip_grad_norm, 0.0, optional=True, open_low=True)
         _int("optim.reference_batch_size", self.reference_batch_size, 1, optional=True)
+        _int("optim.accumulation_steps", self.accumulation_steps, 1)
         if self.base != "sgd" and (self.momentum != 0.9 or self.nesterov):
             warnings.warn(f"optim.momentum/optim.nesterov apply to base 'sgd' only; ignored with {self.base!r}", stacklevel=3)
 
@@ -175,14 +181,20 @@ class ScheduleConfig:
 class CheckpointConfig:
     """Rank 0 writes every ``every_steps`` optimizer steps (0: never mid-epoch) and at each epoch end.
 
-    ``resume``: ``auto`` (the latest checkpoint in ``dir`` if any), ``never``, or a file path.
-    ``dir: null`` means ``<run.output_dir>/checkpoints``; on several nodes it must be shared storage.
+    ``resume``: ``auto`` (the newest checkpoint in ``dir`` that loads, skipping damaged ones with a
+    warning), ``never``, or a step directory (which must load). ``dir: null`` means
+    ``<run.output_dir>/checkpoints``; on several nodes it must be shared storage.
+    ``signals``: on any of these, every rank finishes the step in flight, they agree to stop
+    (a one-element all-reduce every ``signal_check_every`` steps), write a checkpoint and exit with
+    status 75 (``launch/slurm.sbatch`` requeues; torchrun restarts). ``[]`` keeps the default actions.
     """
 
     dir: str | None = None
     every_steps: int = 0
     keep_last: int = 3
     resume: str = "auto"
+    signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signal_check_every: int = 1
 
     def __post_init__(self) -> None:
         if self.dir is not None and (not isinstance(self.dir, str) or not self.dir):
@@ -191,6 +203,10 @@ class CheckpointConfig:
         _int("checkpoint.keep_last", self.keep_last, 1)
         if not isinstance(self.resume, str) or not self.resume:
             _fail("checkpoint.resume", self.resume, "'auto', 'never' or a checkpoint path")
+        names = [n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_") and n not in _UNCATCHABLE]
+        if not isinstance(self.signals, list) or any(s not in names for s in self.signals):
+            _fail("checkpoint.signals", self.signals, "a list of catchable signal names such as ['SIGTERM', 'SIGUSR1']")
+        _int("checkpoint.signal_check_every", self.signal_check_every, 1)
 
 
 _SECTIONS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

@@ -59,6 +59,9 @@ def deepspeed_config(cfg: TrainConfig, path: str) -> dict[str, Any]:
     if micro != cfg.data.batch_size:
         raise ValueError(f"--deepspeed {path}: train_micro_batch_size_per_gpu={micro} differs from data.batch_size="
                          f"{cfg.data.batch_size}; make them equal")
+    if cfg.optim.accumulation_steps != 1:
+        raise ValueError(f"--deepspeed {path}: optim.accumulation_steps={cfg.optim.accumulation_steps} is not used "
+                         "under DeepSpeed; leave it at 1 (the JSON's gradient_accumulation_steps is DeepSpeed's)")
     config.pop("train_batch_size", None)  # derived from the micro-batch and the world size
     config.setdefault("gradient_accumulation_steps", 1)
     if cfg.optim.clip_grad_norm is not None:
@@ -80,6 +83,9 @@ class DeepSpeedTrainer(Trainer):
                              "module); train with DDP (no deepspeed config) or set model.compile=false")
         self.ds_config = ds_config
         super().__init__(cfg, env)
+
+    def find_checkpoint(self) -> tuple[None, None]:
+        return None, None  # DeepSpeed's own checkpoints, loaded by :meth:`resume` once the engine exists
 
     def setup(self, model: nn.Module) -> None:
         config = self.ds_config
@@ -110,6 +116,7 @@ class DeepSpeedTrainer(Trainer):
                 tags = sorted(t for t in os.listdir(directory) if t.startswith("step_"))
                 for old in tags[:-self.cfg.checkpoint.keep_last]:
                     shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+        self.saved_at = self.global_step
 
     def resume(self) -> None:
         choice = self.cfg.checkpoint.resume

@@ -2,16 +2,20 @@
 
 One object owns the run's state (model, optimizer, scheduler, scaler, data position, RNG); each
 method does one thing: :meth:`Trainer.run` loops over epochs, :meth:`Trainer.train_epoch` over
-steps, :meth:`Trainer.save` / :meth:`Trainer.resume` write and read the checkpoint.
+steps, :meth:`Trainer.save` / :meth:`Trainer.resume` (:mod:`.saving`) write and read the checkpoint.
+The checkpoint to resume from is chosen first (:mod:`.resume`), since its batch plan (:mod:`.plan`)
+decides the per-worker batch the loaders are built with. A stop signal (:mod:`.preempt`) ends the
+run after the step in flight, with a checkpoint, on every rank at the same step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -21,41 +25,50 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..data import build_loader
 from ..distributed import CommCounter, DistEnv, barrier
-from .config import RESUME_MAY_DIFFER, TrainConfig, dump_yaml, to_dict
+from ..optim.rwsam import RWSAM
+from .config import TrainConfig, dump_yaml, to_dict
 from .metrics import Scalars, StepTimer, evaluate
 from .models import build_model
+from .plan import BatchPlan, initial_plan, replan
+from .preempt import StopSignal, maybe_inject_fault, maybe_send_signal
+from .resume import find_checkpoint
+from .saving import CheckpointMixin
 from .schedule import warmup_cosine
-from .state import (CHECKPOINT_VERSION, RANK_LOCAL_OPTIMIZER_KEYS, gather, rng_state, seed_everything, set_rng_state,
-                    weights_digest)
+from .state import gather, seed_everything, weights_digest
 from .steps import AUTOCAST_DTYPES, build_optimizer, train_step
 
 __all__ = ["Trainer"]
 
 log = logging.getLogger("dist_sam.train")
-FAULT_ENV = "DIST_SAM_FAULT_AT_STEP"  # testing aid: "rank:step" SIGKILLs that rank at that step, first attempt only
+def _stop_device() -> torch.device:
+    """Where the stop flag is all-reduced: the CUDA device under NCCL, else the CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and spec == f"{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     """Everything ``launch/train.py`` runs, for one rank.
 
     Args:
         cfg: the validated config.
         env: this rank's place in the job (after ``init_distributed``).
+
+    Raises:
+        CheckpointError: the checkpoint to resume from does not load, or no batch plan at this
+            world size keeps its global batch and ascent group size (before any work).
     """
 
     def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
         self.cfg, self.env, self.primary = cfg, env, env.rank == 0
         seed_everything(cfg.run.seed, env.rank, cfg.run.deterministic)
-        self.loaders = build_loader(cfg.data, env.rank, env.world_size)
+        self.stop = StopSignal(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, _stop_device())
+        self.resumed_from, self._loaded = self.find_checkpoint()
+        self.plan = self.batch_plan(self._loaded)
+        data_cfg = dataclasses.replace(cfg.data, batch_size=self.plan.batch_size)
+        self.loaders = build_loader(data_cfg, env.rank, env.world_size)
         self.device = self.loaders.train.device
         num_classes = cfg.model.num_classes or len(self.loaders.train.index.classes)
         sync_bn = cfg.model.sync_bn and env.world_size > 1 and self.device.type == "cuda"
@@ -71,14 +84,24 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.setup(model)
         self.epoch = self.step_in_epoch = self.global_step = 0
+        self.saved_at: int | None = None
         self.history: list[dict[str, Any]] = []
-        self.resumed_from: str | None = None
         self.digests: list[str] = []
         self.timer = StepTimer(self.device)
         self.session_steps = self.session_images = 0
         self.eval_seconds = 0.0
         out = cfg.run.output_dir
         self.scalars = Scalars(os.path.join(out, "tensorboard") if self.primary and cfg.run.tensorboard else None)
+
+    def find_checkpoint(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The checkpoint to resume from and its state, agreed by every rank (:mod:`.resume`)."""
+        return find_checkpoint(self.cfg)
+
+    def batch_plan(self, state: dict[str, Any] | None) -> BatchPlan:
+        """The config's plan for a fresh run; the saved one, re-planned to this world size, on resume."""
+        if state is None:
+            return initial_plan(self.cfg, self.env.world_size)
+        return replan(BatchPlan.from_dict(state["plan"]), self.env.world_size, self.cfg, self.resumed_from)
 
     def setup(self, model: nn.Module) -> None:
         """``torch.compile`` (``model.compile``), DDP (several processes), the optimizer, the LR
@@ -89,7 +112,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=ids)
             self.comm = CommCounter.attach(self.model)
-        self.optimizer = build_optimizer(self.cfg, model.parameters(), self.env.world_size)
+        self.optimizer = build_optimizer(self.cfg, model.parameters(), self.env.world_size, self.plan.global_batch)
+        if isinstance(self.optimizer, RWSAM):  # directions per global ascent group: the same at any world size
+            self.optimizer.groups_per_rank = self.plan.groups_per_rank(self.cfg)
         self.scheduler = self.build_scheduler(self.optimizer)
         if self.cfg.run.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -102,95 +127,47 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step and one LR-schedule step; returns the mean loss at ``w``."""
-        loss = train_step(self.cfg, self.model, self.optimizer, self.loss_fn, images, labels, self.scaler)
+        loss = train_step(self.cfg, self.model, self.optimizer, self.loss_fn, images, labels, self.scaler,
+                          self.plan.accumulation_steps)
         self.scheduler.step()
         return loss
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: the RNG states and RW-SAM's per-rank calibrated ``mu``."""
-        optimizer = self.optimizer.state_dict()
-        return {"rng": rng_state(), "optimizer": {k: optimizer[k] for k in RANK_LOCAL_OPTIMIZER_KEYS if k in optimizer}}
-
-    def position(self) -> dict[str, Any]:
-        """Where training stands (rank-independent): epoch, step, data position, eval history."""
-        return {"version": CHECKPOINT_VERSION, "config": to_dict(self.cfg), "world_size": self.env.world_size,
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "data": {"epoch": self.epoch, "step": self.step_in_epoch},  # the loaders resume exactly there
-                "history": self.history}
-
-    def state_dict(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-        """The whole training state; all but ``per_rank`` (indexed by rank) is the same on every rank."""
-        return {**self.position(), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "per_rank": per_rank}
-
-    def save(self) -> None:
-        """Gather the per-rank state, then rank 0 writes atomically (a collective call)."""
-        with self.timer("checkpoint"):
-            per_rank = gather(self.rank_state())
-            if self.primary:
-                path = save_checkpoint(self.state_dict(per_rank), self.cfg.checkpoint_dir, step=self.global_step,
-                                       keep_last=self.cfg.checkpoint.keep_last)
-                log.debug("checkpoint %s", path)
-
-    def resume_path(self) -> str | None:
-        """``checkpoint.resume``: ``never`` -> None, ``auto`` -> the latest checkpoint (or None), else the path."""
-        choice = self.cfg.checkpoint.resume
-        return None if choice == "never" else latest_checkpoint(self.cfg.checkpoint_dir) if choice == "auto" else choice
-
-    def resume(self) -> None:
-        """Load the checkpoint :meth:`resume_path` names, on every rank."""
-        path = self.resume_path()
-        if path is None:
-            return
-        state = load_checkpoint(path, config=to_dict(self.cfg), ignore=RESUME_MAY_DIFFER)
-        self.check_world_size(state, path)
-        self.module.load_state_dict(state["model"])
-        mine = state["per_rank"][self.env.rank]  # indexed by the *current* rank: ranks may be reassigned
-        self.optimizer.load_state_dict({**state["optimizer"], **mine["optimizer"]})
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.restore_position(state, mine, path)
-
-    def check_world_size(self, state: dict[str, Any], path: str) -> None:
-        if state["world_size"] != self.env.world_size:
-            raise CheckpointError(f"refusing checkpoint {path}: written with world size {state['world_size']}, "
-                                  f"running with {self.env.world_size}; the data order and batch differ")
-
-    def restore_position(self, state: dict[str, Any], mine: dict[str, Any], path: str) -> None:
-        """Epoch, step, data position, history, and this rank's RNG states."""
-        set_rng_state(mine["rng"])
-        self.epoch, self.step_in_epoch = state["data"]["epoch"], state["data"]["step"]
-        self.global_step, self.history = state["global_step"], list(state["history"])
-        self.resumed_from = path
-        log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
-                 path, self.epoch, self.step_in_epoch, self.global_step)
-
     # -- training ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train to ``run.epochs`` (or ``run.stop_at_step``), evaluating each epoch; return the summary."""
-        self.resume()
-        if self.primary:
-            os.makedirs(self.cfg.run.output_dir, exist_ok=True)
-            with open(os.path.join(self.cfg.run.output_dir, "config.yaml"), "w") as fh:
-                fh.write(dump_yaml(self.cfg))
-        stopped = False
-        while self.epoch < self.cfg.run.epochs and not stopped:
-            if self.step_in_epoch < len(self.loaders.train):
-                stopped = self.train_epoch()
-            if stopped:
-                break
+        """Train to ``run.epochs`` (or ``run.stop_at_step``, or a stop signal), evaluating each epoch;
+        return the summary."""
+        if threading.current_thread() is threading.main_thread():
+            self.stop.install()  # until then a signal has its default action: no step to finish yet
+        try:
+            self.resume()
+            if self.primary:
+                os.makedirs(self.cfg.run.output_dir, exist_ok=True)
+                with open(os.path.join(self.cfg.run.output_dir, "config.yaml"), "w") as fh:
+                    fh.write(dump_yaml(self.cfg))
+            stopped = self.train_epochs()
+            self.sync_buffers()
+            self.digests = gather(weights_digest(self.module))  # every replica, bit for bit
+            barrier()
+        finally:
+            self.stop.uninstall()
+            self.scalars.close()
+        return self.summary(finished=not stopped)
+
+    def train_epochs(self) -> bool:
+        """The epoch loop; True if stopped early (``run.stop_at_step`` or a stop signal)."""
+        while self.epoch < self.cfg.run.epochs:
+            if self.step_in_epoch < len(self.loaders.train) and self.train_epoch():
+                return True
             if not any(h["epoch"] == self.epoch for h in self.history):
                 self.evaluate_epoch()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.save()
-        self.sync_buffers()
-        self.digests = gather(weights_digest(self.module))  # every replica, bit for bit
-        barrier()
-        self.scalars.close()
-        return self.summary(finished=not stopped)
+            self.save()  # a signal during evaluation stops the run after the next step
+        return False
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a stop signal ended the run (every rank agrees)."""
+        return self.stop.stop_signal is not None
 
     def _stop_now(self) -> bool:
         stop = self.cfg.run.stop_at_step
@@ -208,31 +185,37 @@ class Trainer:
                    disable=not (self.primary and cfg.run.progress), dynamic_ncols=True, leave=False,
                    mininterval=0.1 if sys.stderr.isatty() else 5.0)  # a log file gets a few lines, not hundreds
         batches, start = iter(loader), time.perf_counter()
-        while True:
-            with self.timer("data"):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            images, labels, _ = batch  # padding repeats train like DistributedSampler's; eval masks them
-            with self.timer("step"):
-                loss = self.step(images, labels)
-            self.global_step, self.step_in_epoch = self.global_step + 1, self.step_in_epoch + 1
-            self.session_steps += 1
-            self.session_images += images.shape[0] * self.env.world_size
-            bar.update(1)
-            _maybe_inject_fault(self.env.rank, self.global_step)
-            if self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == len(loader):
-                self._log_step(loss.item(), bar, time.perf_counter() - start)
-            every = cfg.checkpoint.every_steps
-            if every and self.global_step % every == 0:
-                self.save()
-            if self._stop_now():
-                if not (every and self.global_step % every == 0):
-                    self.save()
-                bar.close()
-                return True
-        bar.close()
-        return False
+        try:
+            while True:
+                with self.timer("data"):
+                    batch = next(batches, None)
+                if batch is None:
+                    return False
+                images, labels, _ = batch  # padding repeats train like DistributedSampler's; eval masks them
+                maybe_send_signal(self.env.rank, self.global_step + 1)
+                with self.timer("step"):
+                    loss = self.step(images, labels)
+                self.global_step, self.step_in_epoch = self.global_step + 1, self.step_in_epoch + 1
+                self.session_steps += 1
+                self.session_images += images.shape[0] * self.env.world_size
+                bar.update(1)
+                maybe_inject_fault(self.env.rank, self.global_step)
+                if self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == len(loader):
+                    self._log_step(loss.item(), bar, time.perf_counter() - start)
+                if self.after_step():
+                    return True
+        finally:
+            bar.close()
+
+    def after_step(self) -> bool:
+        """Periodic checkpoint; then stop (with a checkpoint) on a signal or at ``run.stop_at_step``."""
+        every = self.cfg.checkpoint.every_steps
+        if every and self.global_step % every == 0:
+            self.save()
+        stop = self.stop.agreed(self.global_step) or self._stop_now()
+        if stop and self.saved_at != self.global_step:
+            self.save()
+        return stop
 
     def _log_step(self, loss: float, bar: tqdm, elapsed: float) -> None:
         rate = self.images_per_second()
@@ -278,10 +261,14 @@ class Trainer:
         comm = None
         if self.comm is not None:
             comm = {"allreduce_calls_per_step": self.comm.calls / steps, "allreduce_bytes_per_step": self.comm.bytes / steps,
-                    "note": "DDP gradient all-reduces (CommCounter); SyncBatchNorm/buffer broadcasts not included"}
+                    "stop_flag_allreduces_per_step": self.stop.checks / steps,
+                    "note": "DDP gradient all-reduces (CommCounter); SyncBatchNorm/buffer broadcasts and the "
+                            "stop-signal flag (one float all-reduce every checkpoint.signal_check_every steps) not "
+                            "included in the calls and bytes"}
         last = self.history[-1] if self.history else {}
         return {
-            "finished": finished, "top1": last.get("top1"), "top5": last.get("top5"), "val_loss": last.get("loss"),
+            "finished": finished, "preempted": self.preempted, "stop_signal": self.stop.stop_signal,
+            "batch_plan": self.plan.to_dict(), "top1": last.get("top1"), "top5": last.get("top5"), "val_loss": last.get("loss"),
             "best_top1": max((h["top1"] for h in self.history), default=None),
             "epochs_completed": len(self.history), "global_step": self.global_step, "world_size": self.env.world_size,
             "images_per_second": self.images_per_second(), "session_steps": self.session_steps,

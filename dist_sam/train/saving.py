@@ -1,0 +1,125 @@
+"""The trainer's checkpoint side: what a checkpoint holds, writing it, putting it back.
+
+Everything but ``per_rank`` is the same on every rank; ``per_rank`` (the RNG states and RW-SAM's
+calibrated ``mu``) is gathered to rank 0 as a list indexed by rank. A resumed rank takes the entry
+of its *current* rank (torchrun and SLURM may reassign ranks), or, after a change of world size
+(:mod:`dist_sam.train.plan`), for each ascent group it now reads RW-SAM's ``mu`` calibrated by the
+saved rank that read that group (``RWSAM.group_mu`` when they differ), and the RNG state of its own
+rank number where that rank existed (a fresh seed otherwise).
+
+The DDP writer is :func:`dist_sam.checkpoint.save_checkpoint` on rank 0 followed by a barrier, so
+no rank goes on (or exits, on preemption) before the step directory is committed. A sharded
+writer (torch.distributed.checkpoint) fits the same shape: rank 0 ``begin_checkpoint``, barrier,
+every rank writes its files and reports their records, rank 0 ``commit_checkpoint``, barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..checkpoint import CheckpointError, save_checkpoint
+from ..distributed import barrier
+from .config import to_dict
+from ..optim.rwsam import RWSAM
+from .plan import BatchPlan, source_rank
+from .state import CHECKPOINT_VERSION, RANK_LOCAL_OPTIMIZER_KEYS, gather, rng_state, set_rng_state
+
+__all__ = ["CheckpointMixin"]
+
+log = logging.getLogger("dist_sam.train")
+
+
+class CheckpointMixin:
+    """Saving and resuming for :class:`dist_sam.train.loop.Trainer` (which sets the attributes used here)."""
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: the RNG states and RW-SAM's per-rank calibrated ``mu``."""
+        optimizer = self.optimizer.state_dict()
+        return {"rng": rng_state(), "optimizer": {k: optimizer[k] for k in RANK_LOCAL_OPTIMIZER_KEYS if k in optimizer}}
+
+    def position(self) -> dict[str, Any]:
+        """Where training stands (rank-independent): epoch, step, data position, batch plan, eval history."""
+        return {"version": CHECKPOINT_VERSION, "config": to_dict(self.cfg), "world_size": self.env.world_size,
+                "plan": self.plan.to_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "data": {"epoch": self.epoch, "step": self.step_in_epoch},  # the loaders resume exactly there
+                "history": self.history}
+
+    def state_dict(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        """The whole training state; all but ``per_rank`` (indexed by rank) is the same on every rank."""
+        return {**self.position(), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "per_rank": per_rank}
+
+    def save(self) -> None:
+        """Gather the per-rank state; rank 0 writes the step directory; everyone waits (a collective)."""
+        with self.timer("checkpoint"):
+            per_rank = gather(self.rank_state())
+            if self.primary:
+                path = save_checkpoint(self.state_dict(per_rank), self.cfg.checkpoint_dir, step=self.global_step,
+                                       keep_last=self.cfg.checkpoint.keep_last, finite=("model",),
+                                       meta={"engine": "ddp", "world_size": self.env.world_size,
+                                             "plan": self.plan.to_dict(), "global_step": self.global_step})
+                log.debug("checkpoint %s", path)
+            barrier()
+        self.saved_at = self.global_step
+
+    def check_world_size(self, state: dict[str, Any], path: str) -> None:
+        """For engines that cannot re-plan (DeepSpeed): the world size must be the saved one."""
+        if state["world_size"] != self.env.world_size:
+            raise CheckpointError(path, f"written with world size {state['world_size']}, running with "
+                                  f"{self.env.world_size}", "this engine resumes at its own world size only")
+
+    def resume(self) -> None:
+        """Put back the state :func:`dist_sam.train.resume.find_checkpoint` loaded (in ``__init__``)."""
+        state, self._loaded = self._loaded, None
+        if state is None:
+            return
+        self.module.load_state_dict(state["model"])
+        saved = BatchPlan.from_dict(state["plan"])
+        rank = self.env.rank
+        mine = state["per_rank"][rank] if rank < saved.world_size else None  # the *current* rank's entry
+        mu_from = state["per_rank"][source_rank(saved, self.plan, rank)]
+        self.optimizer.load_state_dict({**state["optimizer"], **mu_from["optimizer"]})
+        if saved.world_size != self.plan.world_size:
+            self._carry_mu(state, saved)
+            self._log_replan(saved, mine is None)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.restore_position(state, mine, self.resumed_from)
+
+    def _carry_mu(self, state: dict[str, Any], saved: BatchPlan) -> None:
+        """RW-SAM ``mu="auto"``: each global ascent group this rank now reads keeps the ``mu`` its rank calibrated."""
+        if not isinstance(self.optimizer, RWSAM) or not self.optimizer.auto_mu:
+            return
+        c_old, c_new, rank = saved.groups_per_rank(self.cfg), self.plan.groups_per_rank(self.cfg), self.env.rank
+        mus = {}
+        for g in range(rank * c_new, (rank + 1) * c_new):
+            entry = state["per_rank"][g // c_old]["optimizer"].get("rwsam", {})
+            mus[g] = entry.get("group_mu", {}).get(g, entry.get("mu"))
+        if None in mus.values():
+            return  # not calibrated yet: it calibrates on its next batch
+        self.optimizer.mu = mus[rank * c_new]
+        self.optimizer.group_mu = mus if len(set(mus.values())) > 1 else {}
+
+    def _log_replan(self, saved: BatchPlan, fresh_rng: bool) -> None:
+        plan, rank = self.plan, self.env.rank
+        if fresh_rng:
+            log.warning("rank %d did not exist at world size %d: its RNG streams (dropout) start fresh", rank,
+                        saved.world_size)
+        if self.primary:
+            log.info("re-planned for world size %d: per-worker batch %d -> %d, accumulation_steps %d -> %d "
+                     "(global batch %d and %d samples per ascent group kept)", plan.world_size, saved.batch_size,
+                     plan.batch_size, saved.accumulation_steps, plan.accumulation_steps, plan.global_batch, plan.chunk)
+
+    def restore_position(self, state: dict[str, Any], mine: dict[str, Any] | None, path: str) -> None:
+        """Epoch, step, data position, history, and this rank's RNG states (when it had some)."""
+        if mine is not None:
+            set_rng_state(mine["rng"])
+        self.epoch, self.step_in_epoch = state["data"]["epoch"], state["data"]["step"]
+        self.global_step, self.history = state["global_step"], list(state["history"])
+        self.resumed_from, self.saved_at = path, state["global_step"]
+        log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
+                 path, self.epoch, self.step_in_epoch, self.global_step)
