@@ -25,9 +25,10 @@ registered once and kept, and its first registration clears dynamo's code caches
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["is_compiled", "strip_compiled"]
+__all__ = ["is_compiled", "strip_compiled", "LayerCapture"]
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -44,3 +45,37 @@ def strip_compiled(model: nn.Module) -> nn.Module:
     while is_compiled(model):
         model = model._orig_mod
     return model
+
+
+class LayerCapture:
+    """A forward hook that stays on one layer of a compiled model and keeps ``(input, output, layer)``
+    of its latest forward (detached) in :attr:`value`.
+
+    Dynamo traces the hook into the graph and replays its store into this plain object; it does
+    not notice hooks added or removed later (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so the hook is registered once, and the first :meth:`attach` clears dynamo's code caches
+    (``torch._dynamo.reset_code_caches``: every compiled function recompiles once) so that no
+    graph traced without it runs.
+    """
+
+    def __init__(self) -> None:
+        self.value: tuple | None = None
+        self._layer: nn.Module | None = None
+        self._handle = None
+
+    def attach(self, layer: nn.Module) -> None:
+        """Hook ``layer`` (once; moving to another layer unhooks the previous one)."""
+        if self._layer is layer:
+            return
+        if self._handle is not None:
+            self._handle.remove()
+        self._layer, self._handle = layer, layer.register_forward_hook(self._hook)
+        torch._dynamo.reset_code_caches()
+
+    def _hook(self, mod, inputs, output) -> None:
+        self.value = (inputs[0].detach(), output.detach(), mod)
+
+    def take(self) -> tuple | None:
+        """The latest capture, and forget it."""
+        value, self.value = self.value, None
+        return value

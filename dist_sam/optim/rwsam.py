@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..compiled import is_compiled, strip_compiled
+from ..compiled import LayerCapture, is_compiled, strip_compiled
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -93,16 +93,6 @@ def _validate(lam, estimator, mu, num_directions, normalization, last_layer, see
         warnings.warn(f"last_layer={last_layer!r} is ignored with estimator={estimator!r}", stacklevel=3)
 
 
-class _Box:
-    """Holds what the persistent forward hook captured (a plain object: dynamo replays the store)."""
-
-    def __init__(self) -> None:
-        self.value: tuple | None = None
-
-    def hook(self, mod, inputs, output) -> None:
-        self.value = (inputs[0].detach(), output.detach(), mod)
-
-
 class RWSAM(SAM):
     """Reweighted SAM: the ascent loss weights samples by their estimated gradient norms.
 
@@ -156,7 +146,7 @@ class RWSAM(SAM):
         self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
-        self._persistent_hook: tuple | None = None  # (layer, handle, box) under torch.compile (last_layer)
+        self._capture = LayerCapture()  # last_layer on a compiled model: one hook, kept
         #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
         #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
         self.groups_per_rank: int | None = None
@@ -177,12 +167,9 @@ class RWSAM(SAM):
             yield
             return
         layer = self._final_linear(strip_compiled(_unwrap(strip_compiled(model))))
-        if is_compiled(model) or is_compiled(_unwrap(model)):
-            # torch.compile does not guard on forward hooks (torch._dynamo.config.
-            # skip_nnmodule_hook_guards): one hook, traced into the graph, stays; it captures
-            # every forward, and the ascent's capture is read.
-            self._ensure_persistent_hook(layer)
-            self._captured = self._persistent_hook[2].value = None
+        if is_compiled(model) or is_compiled(_unwrap(model)):  # dynamo does not guard on hooks
+            self._capture.attach(layer)
+            self._captured = self._capture.value = None
             yield
             return
 
@@ -195,22 +182,6 @@ class RWSAM(SAM):
         finally:
             handle.remove()
 
-    def _ensure_persistent_hook(self, layer: nn.Module) -> None:
-        if self._persistent_hook is not None and self._persistent_hook[0] is layer:
-            return
-        if self._persistent_hook is not None:
-            self._persistent_hook[1].remove()
-        box = _Box()
-        self._persistent_hook = (layer, layer.register_forward_hook(box.hook), box)
-        # A graph compiled before this hook existed would never run it: drop dynamo's cached graphs
-        # once (every compiled function then recompiles on its next call).
-        torch._dynamo.reset_code_caches()
-
-    def _take_captured(self) -> tuple | None:
-        if self._persistent_hook is not None and self._persistent_hook[2].value is not None:
-            self._captured, self._persistent_hook[2].value = self._persistent_hook[2].value, None
-        captured, self._captured = self._captured, None
-        return captured
 
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
         """``(1/b) Σ_i a_i f_i(w)`` with ``a = gibbs_weights(s, lam, normalization)``.
@@ -327,7 +298,7 @@ class RWSAM(SAM):
         return layer
 
     def _last_layer_estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
-        captured = self._take_captured()
+        captured, self._captured = self._captured or self._capture.take(), None
         if captured is None:
             raise ValueError("estimator='last_layer' saw no forward of the final nn.Linear: run the ascent "
                              "forward inside opt.ascent_context(model) (dist_sam.sam_step does)")
