@@ -160,7 +160,7 @@ def _ddp_worker(rank, world_size, order):
             calls = []
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                for s in range(WARMUP + 2):
+                for s in range(WARMUP + (STEPS if order == "ddp(compiled)" else 2)):
                     if s == WARMUP:
                         warm = _graph_state()
                     x, y = make_batch("cnn", 8, seed=10 * s + rank, dtype=torch.float32)
