@@ -14,7 +14,7 @@ user's module as ``_orig_mod`` and shares its parameters and buffers. ``sam_step
 
 RW-SAM ``exact`` and ``mu="auto"`` calibration take ``torch.func`` per-sample gradients; PyTorch
 does not support ``torch.func.grad`` over a compiled function called from eager code (PyTorch
-issue #128711), so those run on the eager module (:func:`strip_compiled`). RW-SAM
+issue #128711), so those run on the eager module (:func:`strip_compiled`; ``exact`` warns once). RW-SAM
 ``last_layer`` captures the final layer's input with a forward hook, and dynamo does not guard on
 hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): on a compiled model the hook is
 registered once and kept, and its first registration clears dynamo's code caches once

@@ -95,7 +95,11 @@ CASES = [(v, "local") for v in VARIANTS] + [(v, "micro") for v in ("sam", "asam"
 
 @pytest.mark.parametrize("variant,ascent", CASES)
 def test_compiled_equals_eager_without_recompiling(variant, ascent):
-    compiled = _train(variant, ascent, "aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = _train(variant, ascent, "aot_eager")
+    eager_exact = [w for w in caught if "estimator='exact' runs on the eager module" in str(w.message)]
+    assert len(eager_exact) == (variant == "rwsam-exact"), "exact says once that it runs eagerly, nothing else does"
     _assert_no_recompile(compiled)
     _assert_same(compiled, _train(variant, ascent, None))
 

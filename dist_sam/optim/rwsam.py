@@ -147,6 +147,7 @@ class RWSAM(SAM):
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
         self._capture = LayerCapture()  # last_layer on a compiled model: one hook, kept
+        self._warned_eager = False
         #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
         #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
         self.groups_per_rank: int | None = None
@@ -216,6 +217,10 @@ class RWSAM(SAM):
             named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
             named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # the same, unprefixed
         if self.estimator == "exact":
+            if eager is not module and not self._warned_eager:
+                self._warned_eager = True
+                warnings.warn("RW-SAM estimator='exact' runs on the eager module under torch.compile: torch.func.grad "
+                              "over a compiled module is not supported from eager code", stacklevel=4)
             return exact_norms(eager, loss_fn, x, y, named_eager, rng_state=rng_state)
         seed = self._direction_seed(context)
         autocast = context.get("autocast") or contextlib.nullcontext
