@@ -5,6 +5,7 @@ Subcommands:
     train ...                the training entry point (same as ``python launch/train.py``)
     demo                     2-process torchrun training on the built-in data
     bench ...                the benchmark harness (``python -m benchmarks.run``)
+    export-checkpoint D OUT  a checkpoint's weights (DDP or FSDP2) as one plain state dict
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _COMMANDS = {
     "train": "dist_sam.train.cli:main",
     "demo": "dist_sam.train.demo:main",
     "bench": "benchmarks.run:main",
+    "export-checkpoint": "dist_sam.train.export:main",
 }
 
 

@@ -233,6 +233,8 @@ def test_train_config_compile_validation():
         ModelConfig(compile=True, compile_mode="fastest")
     with pytest.raises(ValueError, match="model.compile"):
         ModelConfig(compile="yes")
+    with pytest.raises(ValueError, match="model.parallel=fsdp"):
+        ModelConfig(compile=True, parallel="fsdp")
     assert ModelConfig(compile=True, compile_mode="max-autotune").compile_mode == "max-autotune"
 
 

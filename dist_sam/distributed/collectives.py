@@ -38,18 +38,29 @@ def is_primary() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` in place across ranks: one collective per dtype, through a flat buffer."""
-    if world_size() == 1 or not tensors:
-        return
+def _flat_per_dtype(tensors: Sequence[torch.Tensor], collective) -> None:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
+        collective(flat)
         for t, v in zip(group, flat.split([t.numel() for t in group])):
             t.copy_(v.view_as(t))
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum ``tensors`` in place across ranks: one collective per dtype, through a flat buffer."""
+    if world_size() == 1 or not tensors:
+        return
+    _flat_per_dtype(tensors, dist.all_reduce)
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """``src``'s values of ``tensors`` on every rank, in place: one broadcast per dtype."""
+    if world_size() == 1 or not tensors:
+        return
+    _flat_per_dtype(tensors, lambda flat: dist.broadcast(flat, src=src))
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:

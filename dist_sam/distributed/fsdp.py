@@ -74,7 +74,7 @@ class FSDPEngine(StepEngine):
             raise ValueError("the model's parameters are not all sharded: call sam_step between steps (not "
                              "inside a forward), with fully_shard applied to every module that owns parameters")
         self.names = list(self._sharded)
-        self._owned = self._unit_params()  # unit -> [(name in unit, fqn)]
+        self._owned = self._unit_params()  # unit -> fqns of the parameters it owns
         self._unsharded: dict[str, torch.Tensor] = {}  # fqn -> unsharded parameter, captured in forward
         self._pending: dict[str, torch.Tensor] = {}  # lean: fqn -> e, added at the unit's all-gather
         self._phase: str | None = None  # "capture" (ascent) | "apply" (lean descent)
@@ -94,11 +94,10 @@ class FSDPEngine(StepEngine):
                              "MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)")
         if ascent == "full":
             raise ValueError("ascent='full' (n-SAM) is not supported under FSDP2; accepted: 'local', 'micro', 'global'")
-        engine = getattr(model, "_dist_sam_fsdp_engine", None)
-        if engine is None or engine.memory != fsdp_memory:
-            engine = cls(model, memory=fsdp_memory)
-            model._dist_sam_fsdp_engine = engine
-        return engine
+        engines = model.__dict__.setdefault("_dist_sam_fsdp_engines", {})  # one per mode: hooks registered once
+        if fsdp_memory not in engines:
+            engines[fsdp_memory] = cls(model, memory=fsdp_memory)
+        return engines[fsdp_memory]
 
     def check(self, optimizer) -> None:
         """Refuse what this mode cannot run exactly, before any work (ValueError naming it)."""

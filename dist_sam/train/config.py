@@ -18,7 +18,9 @@ import yaml
 
 from ..config import RWSAM_FIELDS, SamConfig
 from ..data import DataConfig
+from ..distributed.fsdp import FSDP_MEMORY
 from .models import MODELS
+from .parallel import PARALLEL
 
 __all__ = ["TrainConfig", "RunConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "CheckpointConfig",
            "load_config", "parse_overrides", "to_dict", "RESUME_MAY_DIFFER", "PRECISIONS", "COMPILE_MODES"]
@@ -99,7 +101,13 @@ class RunConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    """``name`` in ``small_cnn | resnet18 | resnet50``; ``num_classes: null`` counts the class folders.
+    """``name`` in :data:`~dist_sam.train.models.MODELS`; ``num_classes: null`` counts the class folders.
+
+    ``parallel``: ``ddp`` (a replica per process) or ``fsdp`` (FSDP2 units per residual stage or
+    encoder block, see :mod:`dist_sam.train.parallel`; checkpoints through
+    torch.distributed.checkpoint, every rank writing its shard). ``fsdp_memory``: ``resident`` or
+    ``lean`` (:mod:`dist_sam.distributed.fsdp`). Under ``fsdp``, ``run.precision: bf16`` means
+    bf16 parameters with float32 gradient reduction (``MixedPrecisionPolicy``), not autocast.
 
     ``sync_bn`` converts BatchNorm to SyncBatchNorm (ignored with one process). For channels_last
     memory format set ``data.channels_last``: it converts both the batches and the model.
@@ -113,6 +121,8 @@ class ModelConfig:
     compile: bool = False
     compile_mode: str | None = None
     compile_backend: str = "inductor"
+    parallel: str = "ddp"
+    fsdp_memory: str = "resident"
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODELS)
@@ -123,6 +133,10 @@ class ModelConfig:
             _choice("model.compile_mode", self.compile_mode, COMPILE_MODES)
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             _fail("model.compile_backend", self.compile_backend, "a torch.compile backend name, e.g. 'inductor'")
+        _choice("model.parallel", self.parallel, PARALLEL)
+        _choice("model.fsdp_memory", self.fsdp_memory, FSDP_MEMORY)
+        if self.compile and self.parallel == "fsdp":
+            _fail("model.compile", self.compile, "false with model.parallel=fsdp (torch.compile is supported under DDP)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -224,6 +238,26 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     sam: SamConfig | None = None
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.parallel == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What ``model.parallel: fsdp`` cannot run, refused with the field that says so."""
+        if self.run.precision == "fp16":
+            _fail("run.precision", "fp16", "'fp32' or 'bf16' with model.parallel=fsdp (bf16 parameters with "
+                  "float32 reduction; fp16 loss scaling is not supported under FSDP2)")
+        if self.model.sync_bn:
+            _fail("model.sync_bn", True, "false with model.parallel=fsdp")
+        if self.sam is not None and self.sam.ascent == "full":
+            _fail("sam.ascent", "full", "'local', 'micro' or 'global' with model.parallel=fsdp")
+        if self.sam is not None and self.model.fsdp_memory == "lean":
+            asam = self.sam.variant == "asam" or getattr(self.sam, "adaptive", False)
+            estimator = getattr(self.sam, "estimator", None) if self.sam.variant == "rwsam" else None
+            if asam or estimator in ("fd", "exact"):
+                _fail("model.fsdp_memory", "lean", "'resident' for ASAM and RW-SAM's fd/exact estimators (they "
+                      "need the full weights, which lean does not keep), or use estimator: last_layer")
 
     @property
     def checkpoint_dir(self) -> str:

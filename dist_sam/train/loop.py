@@ -27,14 +27,17 @@ from tqdm import tqdm
 
 from ..data import build_loader
 from ..distributed import CommCounter, DistEnv, barrier
+from ..distributed.collectives import broadcast_
 from ..optim.rwsam import RWSAM
 from .config import TrainConfig, dump_yaml, to_dict
 from .metrics import Scalars, StepTimer, evaluate
 from .models import build_model
 from .plan import BatchPlan, initial_plan, replan
 from .preempt import StopSignal, maybe_inject_fault, maybe_send_signal
+from .parallel import shard
 from .resume import find_checkpoint
 from .saving import CheckpointMixin
+from .sharded import full_model_state
 from .schedule import warmup_cosine
 from .state import gather, seed_everything, weights_digest
 from .steps import AUTOCAST_DTYPES, build_optimizer, train_step
@@ -77,6 +80,7 @@ class Trainer(CheckpointMixin):
         with torch.random.fork_rng(devices=[]):  # identical initial weights on every rank
             torch.manual_seed(cfg.run.seed)
             model = build_model(cfg.model.name, num_classes=num_classes, channels_last=cfg.data.channels_last,
+                                image_size=cfg.data.image_size,
                                 sync_bn=sync_bn).to(self.device)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.optim.label_smoothing)
         self.module: nn.Module = model  # the user's module: evaluated and saved
@@ -104,11 +108,13 @@ class Trainer(CheckpointMixin):
         return replan(BatchPlan.from_dict(state["plan"]), self.env.world_size, self.cfg, self.resumed_from)
 
     def setup(self, model: nn.Module) -> None:
-        """``torch.compile`` (``model.compile``), DDP (several processes), the optimizer, the LR
-        schedule and the fp16 scaler. DDP wraps the compiled module (:mod:`dist_sam.compiled`)."""
+        """``torch.compile`` (``model.compile``), DDP (several processes) or FSDP2, the optimizer, the
+        LR schedule and the fp16 scaler. DDP wraps the compiled module (:mod:`dist_sam.compiled`)."""
         spec = self.cfg.model
         self.model = torch.compile(model, mode=spec.compile_mode, backend=spec.compile_backend) if spec.compile else model
-        if self.env.world_size > 1:
+        if self.cfg.model.parallel == "fsdp":  # the module itself is sharded (FSDP2 works in place)
+            shard(model, param_dtype=torch.bfloat16 if self.cfg.run.precision == "bf16" else None)
+        elif self.env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=ids)
             self.comm = CommCounter.attach(self.model)
@@ -129,6 +135,8 @@ class Trainer(CheckpointMixin):
         """One optimizer step and one LR-schedule step; returns the mean loss at ``w``."""
         loss = train_step(self.cfg, self.model, self.optimizer, self.loss_fn, images, labels, self.scaler,
                           self.plan.accumulation_steps)
+        if self.sharded:
+            self.sync_buffers()  # as DDP broadcasts rank 0's buffers before each forward
         self.scheduler.step()
         return loss
 
@@ -146,7 +154,8 @@ class Trainer(CheckpointMixin):
                     fh.write(dump_yaml(self.cfg))
             stopped = self.train_epochs()
             self.sync_buffers()
-            self.digests = gather(weights_digest(self.module))  # every replica, bit for bit
+            self.final_state = full_model_state(self.model) if self.sharded else self.module.state_dict()
+            self.digests = gather(weights_digest(self.final_state))  # every replica, bit for bit
             barrier()
         finally:
             self.stop.uninstall()
@@ -235,15 +244,14 @@ class Trainer(CheckpointMixin):
         Each rank's last forward updated its own running statistics; evaluation and the replica
         check must see one model (the one rank 0 saves).
         """
-        if isinstance(self.model, DDP):
-            for buffer in self.module.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        if isinstance(self.model, DDP) or (self.sharded and self.env.world_size > 1):
+            broadcast_(list(self.module.buffers()), src=0)
 
     def evaluate_epoch(self) -> dict[str, float]:
         self.sync_buffers()
         start = time.perf_counter()
         metrics = evaluate(self.module, self.loaders.val,  # no DDP: no collective per batch
-                           autocast_dtype=AUTOCAST_DTYPES[self.cfg.run.precision])
+                           autocast_dtype=None if self.sharded else AUTOCAST_DTYPES[self.cfg.run.precision])
         self.eval_seconds += time.perf_counter() - start
         entry = {"epoch": self.epoch, "global_step": self.global_step, **metrics}
         self.history.append(entry)
@@ -287,5 +295,5 @@ class Trainer(CheckpointMixin):
         with open(tmp, "w") as fh:
             json.dump(summary, fh, indent=1)
         os.replace(tmp, os.path.join(out, "summary.json"))
-        torch.save(self.module.state_dict(), os.path.join(out, ".model.pt.tmp"))
+        torch.save(self.final_state, os.path.join(out, ".model.pt.tmp"))
         os.replace(os.path.join(out, ".model.pt.tmp"), os.path.join(out, "model.pt"))

@@ -52,11 +52,29 @@ class CheckpointMixin:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "per_rank": per_rank}
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the model and optimizer are saved and loaded through torch.distributed.checkpoint."""
+        return self.cfg.model.parallel == "fsdp"
+
+    def sharded_payload(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rank 0's part of an FSDP2 checkpoint: everything but the model and base-optimizer shards."""
+        optimizer = {k: v for k, v in self.optimizer.state_dict().items() if k not in ("state", "param_groups")}
+        return {**self.position(), "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "scaler": None, "per_rank": per_rank}
+
     def save(self) -> None:
         """Gather the per-rank state; rank 0 writes the step directory; everyone waits (a collective)."""
         with self.timer("checkpoint"):
             per_rank = gather(self.rank_state())
-            if self.primary:
+            if self.sharded:
+                from .sharded import save_sharded
+
+                save_sharded(self.model, self.optimizer.base_optimizer, self.sharded_payload(per_rank),
+                             self.cfg.checkpoint_dir, step=self.global_step, keep_last=self.cfg.checkpoint.keep_last,
+                             meta={"engine": "fsdp", "world_size": self.env.world_size, "plan": self.plan.to_dict(),
+                                   "global_step": self.global_step})
+            elif self.primary:
                 path = save_checkpoint(self.state_dict(per_rank), self.cfg.checkpoint_dir, step=self.global_step,
                                        keep_last=self.cfg.checkpoint.keep_last, finite=("model",),
                                        meta={"engine": "ddp", "world_size": self.env.world_size,
@@ -76,12 +94,18 @@ class CheckpointMixin:
         state, self._loaded = self._loaded, None
         if state is None:
             return
-        self.module.load_state_dict(state["model"])
         saved = BatchPlan.from_dict(state["plan"])
         rank = self.env.rank
         mine = state["per_rank"][rank] if rank < saved.world_size else None  # the *current* rank's entry
         mu_from = state["per_rank"][source_rank(saved, self.plan, rank)]
-        self.optimizer.load_state_dict({**state["optimizer"], **mu_from["optimizer"]})
+        if self.sharded:  # the shards through DCP (re-sharded to this world size); SAM's counters from state.pt
+            from .sharded import load_sharded
+
+            load_sharded(self.model, self.optimizer.base_optimizer, self.resumed_from)
+            self.optimizer.load_state_dict({**self.optimizer.state_dict(), **state["optimizer"], **mu_from["optimizer"]})
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict({**state["optimizer"], **mu_from["optimizer"]})
         if saved.world_size != self.plan.world_size:
             self._carry_mu(state, saved)
             self._log_replan(saved, mine is None)

@@ -71,10 +71,12 @@ def gather(obj: Any) -> list[Any]:
     return objs
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer, bit for bit: equal digests mean equal replicas."""
+def weights_digest(module: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every parameter and buffer (of a module or a state dict), bit for bit: equal
+    digests mean equal replicas."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    state = module if isinstance(module, dict) else module.state_dict()
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -50,8 +50,10 @@ def train_step(cfg: TrainConfig, model: nn.Module, optimizer: SAM, loss_fn, inpu
 
     ``accumulation_steps`` is the batch plan's (:mod:`dist_sam.train.plan`), which a resume at
     another world size may change from ``optim.accumulation_steps``."""
+    fsdp = cfg.model.parallel == "fsdp"  # bf16 there is FSDP2's MixedPrecisionPolicy, not autocast
     common = dict(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=scaler, accumulation_steps=accumulation_steps,
-                  autocast_dtype=AUTOCAST_DTYPES[cfg.run.precision])
+                  autocast_dtype=None if fsdp else AUTOCAST_DTYPES[cfg.run.precision])
     if cfg.sam is None:
         return plain_step(model, optimizer, loss_fn, inputs, targets, **common)
-    return sam_step(model, optimizer, loss_fn, inputs, targets, **cfg.sam.step_kwargs(), **common)
+    extra = {"fsdp_memory": cfg.model.fsdp_memory} if fsdp else {}
+    return sam_step(model, optimizer, loss_fn, inputs, targets, **cfg.sam.step_kwargs(), **common, **extra)
