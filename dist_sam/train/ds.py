@@ -83,6 +83,9 @@ class DeepSpeedTrainer(Trainer):
     """:class:`Trainer` with a DeepSpeed engine in place of DDP (ZeRO 0/1/2, bf16 or fp32)."""
 
     def __init__(self, cfg: TrainConfig, env, ds_config: dict[str, Any]) -> None:
+        if cfg.model.compile:
+            raise ValueError("model.compile=true is not supported with the DeepSpeed trainer (its engine wraps the "
+                             "module); train with DDP (no deepspeed config) or set model.compile=false")
         self.ds_config = ds_config
         super().__init__(cfg, env)
 
