@@ -67,7 +67,7 @@ SECTIONS: list[Section] = [
     Section("ddp_dali_trainer", sections.ddp_trainer),
     Section("dali", sections.dali_throughput, dali=True),
     Section("fsdp2", lambda opts, device, workdir: _fsdp2(device)),
-    # TODO-LEAD: the DeepSpeed-fp16 section goes here, e.g. Section("deepspeed_fp16", ds_sections.fp16_step).
+    # DeepSpeed fp16 runs first, in a process of its own: gpu_check.sh -> benchmarks.gpu_checks.deepspeed_fp16.
     Section("throughput_compiled", sections.time_compiled, needs="correctness"),
     Section("throughput_compiled_rwsam", sections.time_compiled_rwsam, needs="correctness"),
 ]

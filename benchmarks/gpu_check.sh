@@ -13,18 +13,20 @@
 #    DALI mixed (nvJPEG) decode;
 # 5. dali: the loader's decode img/s;
 #    fsdp2: benchmarks/gpu_checks/fsdp.py (world size 1, resident and lean);
-#    (TODO-LEAD: the DeepSpeed-fp16 section slots in here: one Section(...) entry)
 # 6. throughput_compiled(_rwsam): SGD, SAM-local, m-SAM b/4, then RW-SAM fd / last_layer, through
 #    torch.compile (inductor; compilation inside the warm-up, counted in wall_s).
-# No section starts after GPU_CHECK_BUDGET_S (330 s); the whole Python part stops at GPU_CHECK_LIMIT_S.
+# First, in its own process (DeepSpeed owns its process group and accelerator): DeepSpeed fp16 under
+# ZeRO 0-3 with dynamic loss scaling, rho = 0 against DeepSpeed's own step, an inf batch
+# (benchmarks/gpu_checks/deepspeed_fp16.py -> $OUT/deepspeed_fp16_gpu_check.json), at most 90 s.
+# No section starts after GPU_CHECK_BUDGET_S (280 s); the whole Python part stops at GPU_CHECK_LIMIT_S.
 # Output: $OUT/gpu_check.json (rewritten after each section), $OUT/gpu_check.log, $OUT/nvidia-smi.txt.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/benchmarks/results/gpu}"
 PYTHON="${PYTHON:-python3}"
-LIMIT_S="${GPU_CHECK_LIMIT_S:-450}"   # hard stop for the Python part; leaves margin inside 8 minutes
-export GPU_CHECK_BUDGET_S="${GPU_CHECK_BUDGET_S:-330}"  # no section starts after this
+LIMIT_S="${GPU_CHECK_LIMIT_S:-370}"   # hard stop for the main Python part; with DeepSpeed's 90 s, inside 8 minutes
+export GPU_CHECK_BUDGET_S="${GPU_CHECK_BUDGET_S:-280}"  # no section starts after this
 mkdir -p "$OUT"
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # dist_sam and benchmarks from this checkout
@@ -37,6 +39,10 @@ fi
   | tee "$OUT/gpu_check.log"
 
 status=0
+dry=""
+for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry="--dry-run"; done
+timeout --signal=TERM --kill-after=10 90 "$PYTHON" -m benchmarks.gpu_checks.deepspeed_fp16 --out "$OUT" $dry 2>&1 \
+  | tee -a "$OUT/gpu_check.log" || status=$?
 timeout --signal=TERM --kill-after=15 "$LIMIT_S" "$PYTHON" -m benchmarks.gpu_check --out "$OUT" "$@" 2>&1 \
   | tee -a "$OUT/gpu_check.log" || status=$?
 if [ "$status" -eq 124 ]; then
