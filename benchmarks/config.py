@@ -42,6 +42,8 @@ class BenchConfig:
         channels_last: model and inputs in ``torch.channels_last``.
         quick: a smoke run (allows fewer than 20 timed steps, marked in the results).
         timeout_s: per world size, for the spawned processes.
+        compile: time ``DDP(torch.compile(model, mode=compile_mode, backend=compile_backend))``
+            (``torch.compile(model)`` without DDP); warm-up steps include the compilation.
     """
 
     name: str = "bench"
@@ -67,6 +69,9 @@ class BenchConfig:
     channels_last: bool = False
     quick: bool = False
     timeout_s: float = 3600.0
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         self.world_sizes, self.variants = tuple(self.world_sizes), tuple(self.variants)
@@ -83,6 +88,8 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"BenchConfig.autocast_dtype must be null, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"BenchConfig.compile must be true or false, got {self.compile!r}")
         if "sgd" not in self.variants:
             raise ValueError("BenchConfig.variants must include 'sgd': every ratio is against it")
         for name in self.variants:
@@ -105,10 +112,12 @@ class Variant:
     micro_batch_size: int | None = None
     m: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    micro_impl: str = "loop"
 
 
 def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Variant:
-    """``sgd``, ``sam-local``, ``sam-global``, ``usam``, ``asam``, ``msam-b[/k]``, ``rwsam-<estimator>``."""
+    """``sgd``, ``sam-local``, ``sam-global``, ``usam``, ``asam``, ``msam-b[/k]``, ``rwsam-<estimator>``;
+    ``msam-b[/k]-vmap`` is m-SAM with ``micro_impl="vmap"`` (batched, ``dist_sam.optim.batched``)."""
     sam = (("rho", cfg.rho),)
     if name == "sgd":
         return Variant(name, None)
@@ -119,6 +128,8 @@ def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Varia
         return Variant(name, "usam", m=b, options=sam)
     if name == "asam":
         return Variant(name, "asam", m=b, options=(("rho", cfg.asam_rho),))
+    if name.startswith("msam-b") and name.endswith("-vmap"):
+        return dataclasses.replace(parse_variant(name[:-len("-vmap")], b, world_size, cfg), name=name, micro_impl="vmap")
     if name.startswith("msam-b"):
         k = name[len("msam-b"):]
         k = int(k[1:]) if k.startswith("/") and k[1:].isdigit() else (1 if k == "" else 0)
@@ -131,7 +142,7 @@ def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Varia
             raise ValueError(f"variant {name!r}: the RW-SAM estimator must be fd, last_layer or exact")
         opts = sam + (("estimator", estimator), ("lam", cfg.lam)) + ((("mu", cfg.mu),) if estimator == "fd" else ())
         return Variant(name, "rwsam", m=b, options=opts)
-    raise ValueError(f"unknown variant {name!r}; accepted: {DEFAULT_VARIANTS} (msam-b/k for any k dividing b), rwsam-exact")
+    raise ValueError(f"unknown variant {name!r}; accepted: {DEFAULT_VARIANTS} (msam-b/k for any k dividing b, msam-b/k-vmap batched), rwsam-exact")
 
 
 def load_config(path: str | None, **overrides: Any) -> BenchConfig:

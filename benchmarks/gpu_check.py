@@ -1,131 +1,76 @@
-"""The lent-GPU check (``benchmarks/gpu_check.sh``): correctness, then img/s, then DALI decode.
+"""The lent-GPU check (``benchmarks/gpu_check.sh``): every CUDA path of dist-sam in one <= 8-minute run.
 
     OUT=/tmp/out bash benchmarks/gpu_check.sh                  # on the GPU machine (<= 8 minutes)
     python -m benchmarks.gpu_check --dry-run --out /tmp/out     # the same code, tiny, on CPU
 
-Sections, each written to ``$OUT/gpu_check.json`` as soon as it finishes (a timeout keeps the
-finished ones):
+ResNet-50, 224px, bf16 autocast, channels_last, batch 256 (b), on one GPU. The sections run in the
+order of :data:`SECTIONS` (cheap and certain first, compilation last) and ``$OUT/gpu_check.json``
+is rewritten after each one, so a timeout keeps the finished ones; a section that would start
+after ``--budget-s`` is recorded as skipped. The functions are in ``benchmarks.gpu_sections``.
 
-1. ``correctness``: for SGD, SAM-local, RW-SAM ``fd`` and RW-SAM ``last_layer``, a fresh
-   ResNet-50 takes 3 steps at lr 0.1 (224px, bf16 autocast, channels_last, batch 256); the loss
-   and every weight must stay finite and the weights must move. Timing runs only if all pass.
-2. ``throughput``: ``benchmarks.harness.measure`` on one model (no DDP, world size 1), the variants
-   interleaved, median step time of 20 steps after warm-up, img/s, peak
-   ``torch.cuda.max_memory_allocated`` over the step; ratios against SGD and SAM-local.
-3. ``dali``: ``dist-sam make-demo-data --synthetic`` JPEGs decoded by the library's DALI loader
-   (``decoders.image_random_crop`` on ``device="mixed"``, i.e. nvJPEG), img/s after one warm-up
-   epoch. ``--dry-run`` runs the CPU pipeline instead.
+1. ``correctness``: SGD, SAM-local, RW-SAM ``fd`` and ``last_layer``, m-SAM at m = b/4 sequential
+   and batched (``micro_impl="vmap"``): 3 steps at lr 0.1 on a fresh model; loss and weights
+   finite, weights moved. The timing sections need it to pass.
+2. ``throughput_eager``: img/s of those variants, interleaved (``benchmarks.harness.measure``, no
+   DDP), median of 20 steps, peak ``max_memory_allocated``; ratios (vmap / sequential m-SAM too).
+3. ``fp16_scaler``: SAM-local under fp16 autocast with ``GradScaler``; an inf batch must skip the
+   step and lower the scale; img/s.
+4. ``ddp_dali_trainer``: the trainer wrapped in DDP at world size 1 over NCCL, 2 short epochs of
+   SAM-local on synthetic JPEGs decoded by DALI ``mixed`` (nvJPEG).
+5. ``dali``: the loader's img/s on the same JPEGs after a warm-up epoch.
+   ``fsdp2``: ``benchmarks.gpu_checks.fsdp`` (FSDP2 at world size 1, resident and lean).
+6. ``throughput_compiled`` / ``throughput_compiled_rwsam``: as 2 through ``torch.compile``
+   (inductor; warm-up compiles, ``wall_s`` includes it). Batched m-SAM is not repeated: it runs
+   the eager module.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["check_correctness", "time_variants", "dali_throughput", "main"]
+from . import gpu_sections as sections
+from .gpu_sections import VARIANTS, check_correctness, dali_throughput, time_variants
 
-SCHEMA = "dist-sam-gpu-check/1"
-VARIANTS = ("sgd", "sam-local", "rwsam-fd", "rwsam-last_layer")
-FULL = dict(model="resnet50", image_size=224, num_classes=1000, batch_size=256, steps=20, warmup=3,
-            dali_images=3072, dali_image_size=320, dali_batch=256, dali_threads=8, dali_epochs=4)
-DRY = dict(model="small_cnn", image_size=32, num_classes=10, batch_size=8, steps=2, warmup=1,
-           dali_images=100, dali_image_size=48, dali_batch=8, dali_threads=2, dali_epochs=2)
+__all__ = ["SECTIONS", "Section", "check_correctness", "time_variants", "dali_throughput", "main"]
 
-
-def _bench_config(opts: dict, device: str, **extra: Any):
-    from .config import BenchConfig
-
-    return BenchConfig(name="gpu_check", model=opts["model"], image_size=opts["image_size"], num_classes=opts["num_classes"],
-                       batch_size=opts["batch_size"], world_sizes=(1,), threads=max(1, torch.get_num_threads()), variants=VARIANTS,
-                       warmup=opts["warmup"], steps=opts["steps"], steps_per_round=max(1, opts["steps"] // 4), device=device,
-                       autocast_dtype="bfloat16", channels_last=True, quick=opts["steps"] < 20, **extra)
+SCHEMA = "dist-sam-gpu-check/2"
+FULL = dict(model="resnet50", image_size=224, num_classes=1000, batch_size=256, steps=20, warmup=3, compile_backend="inductor",
+            dali_images=3072, dali_image_size=320, dali_batch=256, dali_threads=8, dali_epochs=4, trainer_batch=256)
+DRY = dict(model="small_cnn", image_size=16, num_classes=10, batch_size=8, steps=2, warmup=1, compile_backend="aot_eager",
+           dali_images=100, dali_image_size=32, dali_batch=8, dali_threads=2, dali_epochs=2, trainer_batch=16)
 
 
-def check_correctness(opts: dict, device: str) -> dict[str, Any]:
-    """3 steps at lr 0.1 per variant on a fresh model: finite loss, finite and moved weights."""
-    from .harness import make_step, available_variants, parse_variant
-    from dist_sam.train.models import build_model
+class Section(NamedTuple):
+    """One entry of :data:`SECTIONS`: ``run(opts, device, workdir)`` returns plain data;
+    ``needs`` names a section whose ``ok`` must be true; ``dali`` sections skip with --skip-dali."""
 
-    cfg = _bench_config(opts, device, lr=0.1)
-    names, skipped = available_variants(VARIANTS)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device, memory_format=torch.channels_last)
-    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(device)
-    out: dict[str, Any] = {"skipped": skipped}
-    for name in names:
-        torch.manual_seed(0)
-        model = build_model(cfg.model, num_classes=cfg.num_classes, channels_last=True).to(device)
-        before = [p.detach().clone() for p in model.parameters()]
-        step, _ = make_step(parse_variant(name, cfg.batch_size, 1, cfg), model, cfg)
-        losses = [float(step(x, y)) for _ in range(3)]
-        finite_w = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
-        out[name] = dict(losses=losses, finite_loss=all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
-                         finite_weights=finite_w, weights_moved=moved)
-        out[name]["ok"] = out[name]["finite_loss"] and finite_w and moved
-        del model, before
-    out["ok"] = all(v["ok"] for k, v in out.items() if isinstance(v, dict) and "ok" in v)
-    return out
+    name: str
+    run: Callable[[dict, str, str], dict[str, Any]]
+    needs: str | None = None
+    dali: bool = False
 
 
-def time_variants(opts: dict, device: str) -> dict[str, Any]:
-    """Interleaved timing of the variants on one model (``benchmarks.harness.measure``, no DDP)."""
-    from .harness import measure
-
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    cfg = _bench_config(opts, device)
-    raw = measure(cfg, ddp=False)
-    rows = {}
-    for name, v in raw["variants"].items():
-        median = statistics.median(v["times"])
-        rows[name] = dict(step_time_ms=1e3 * median, img_per_s=cfg.batch_size / median, n=len(v["times"]), finite=v["finite"],
-                          peak_memory_mb=None if v["peak_memory_bytes"] is None else v["peak_memory_bytes"] / 2**20)
-    ratios = {}
-    for a, b in (("sam-local", "sgd"), ("rwsam-fd", "sam-local"), ("rwsam-last_layer", "sam-local")):
-        if a in rows and b in rows:
-            ratios[f"{a}/{b}"] = rows[a]["step_time_ms"] / rows[b]["step_time_ms"]
-    return dict(config=dataclasses.asdict(cfg), variants=rows, ratios=ratios, skipped=raw["skipped"], memory_method=raw["memory_method"])
-
-
-def dali_throughput(opts: dict, device: str, workdir: str) -> dict[str, Any]:
-    """Decode generated JPEGs through ``dist_sam.data``'s DALI loader; img/s after a warm-up epoch."""
-    from dist_sam.data import DataConfig, build_loader
-    from dist_sam.data.demo import make_synthetic
-
-    root = os.path.join(workdir, "synthetic_jpegs")
-    t0 = time.perf_counter()
-    make_synthetic(root, opts["dali_images"], image_size=opts["dali_image_size"], seed=0, force=True)
-    generate_s = time.perf_counter() - t0
-    cfg = DataConfig(root=root, backend="dali", image_size=opts["image_size"], batch_size=opts["dali_batch"],
-                     num_workers=opts["dali_threads"],
-                     channels_last=True, device=device, drop_last=True, validate_files=False)
-    train = build_loader(cfg, 0, 1).train
-    epochs = []
-    for epoch in range(opts["dali_epochs"]):
-        train.set_epoch(epoch)
-        start, n = time.perf_counter(), 0
-        for batch in train:
-            n += batch[0].shape[0]
-            last = batch[0]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        epochs.append(dict(images=n, seconds=time.perf_counter() - start))
-    timed = epochs[1:] or epochs
-    return dict(decode="mixed (nvJPEG)" if device == "cuda" else "cpu", images=opts["dali_images"], source_side_px=opts["dali_image_size"],
-                output=list(last.shape), output_dtype=str(last.dtype), threads=opts["dali_threads"], generate_s=generate_s, epochs=epochs,
-                img_per_s=sum(e["images"] for e in timed) / sum(e["seconds"] for e in timed))
+SECTIONS: list[Section] = [
+    Section("correctness", sections.check_correctness),
+    Section("throughput_eager", sections.time_variants, needs="correctness"),
+    Section("fp16_scaler", sections.fp16_scaler),
+    Section("ddp_dali_trainer", sections.ddp_trainer),
+    Section("dali", sections.dali_throughput, dali=True),
+    Section("fsdp2", lambda opts, device, workdir: _fsdp2(device)),
+    # DeepSpeed fp16 runs first, in a process of its own: gpu_check.sh -> benchmarks.gpu_checks.deepspeed_fp16.
+    Section("throughput_compiled", sections.time_compiled, needs="correctness"),
+    Section("throughput_compiled_rwsam", sections.time_compiled_rwsam, needs="correctness"),
+]
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -143,43 +88,81 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
+def _fsdp2(device: str) -> dict[str, Any]:
+    """``benchmarks.gpu_checks.fsdp``: FSDP2 at world size 1, resident and lean memory modes."""
+    import socket
+
+    from .gpu_checks import fsdp
+
+    saved = dict(os.environ)  # its own world-size-1 group: a free port, and the environment put back
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    try:
+        return fsdp.run(dry_run=device != "cuda")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run_section(section: Section, result: dict, opts: dict, device: str, workdir: str, t_start: float, budget_s: float) -> None:
+    needed = result.get(section.needs, {}) if section.needs else {}
+    if section.needs and not needed.get("ok"):
+        result["errors"][section.name] = f"skipped: the {section.needs} section did not pass"
+        return
+    if time.perf_counter() - t_start > budget_s:
+        result["skipped"][section.name] = f"out of time: {budget_s:.0f}s budget spent before it started"
+        return
+    t0 = time.perf_counter()
+    try:
+        result[section.name] = section.run(opts, device, workdir)
+        if result[section.name].get("ok") is False:
+            result["errors"][section.name] = "its checks failed (see the section)"
+    except Exception:  # noqa: BLE001 - recorded; the next section still runs
+        result["errors"][section.name] = traceback.format_exc()
+    result["seconds"][section.name] = time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sections in order, rewriting the JSON after each; exit 1 if any failed."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default $OUT)")
     p.add_argument("--dry-run", action="store_true", help="tiny model and data on CPU: checks the script, not the GPU")
-    p.add_argument("--skip-dali", action="store_true")
+    p.add_argument("--skip-dali", action="store_true", help="skip the sections that need DALI")
+    p.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
+    p.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 330)),
+                   help="start no section after this many seconds (default 330, $GPU_CHECK_BUDGET_S)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
         print("gpu_check: no CUDA device; use --dry-run to exercise the script on CPU", file=sys.stderr)
         return 2
     device, opts = ("cuda", FULL) if cuda else ("cpu", DRY)
+    only = None if args.only is None else set(args.only.split(","))
+    unknown = (only or set()) - {s.name for s in SECTIONS}
+    if unknown:
+        print(f"gpu_check: unknown sections {sorted(unknown)}; known: {[s.name for s in SECTIONS]}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_check.json")
     result: dict[str, Any] = dict(schema=SCHEMA, dry_run=args.dry_run, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                  machine=_machine(device), options=opts, errors={})
-    sections = [("correctness", lambda: check_correctness(opts, device)), ("throughput", lambda: time_variants(opts, device))]
-    workdir = tempfile.mkdtemp(prefix="gpu_check_jpegs_")
-    if not args.skip_dali:
-        sections.append(("dali", lambda: dali_throughput(opts, device, workdir)))
+                                  machine=_machine(device), options=opts, errors={}, skipped={}, seconds={})
+    workdir = tempfile.mkdtemp(prefix="gpu_check_")
     t_start = time.perf_counter()
-    for name, run in sections:
-        if name == "throughput" and not result.get("correctness", {}).get("ok"):
-            result["errors"][name] = "skipped: the correctness check failed"
-            continue
-        t0 = time.perf_counter()
-        try:
-            result[name] = run()
-        except Exception:  # noqa: BLE001 - recorded; the next section still runs
-            result["errors"][name] = traceback.format_exc()
-        result.setdefault("seconds", {})[name] = time.perf_counter() - t0
-        result["total_s"] = time.perf_counter() - t_start
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"[gpu_check] {name}: {'ERROR' if name in result['errors'] else 'done'} in {time.perf_counter() - t0:.1f}s", flush=True)
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps({k: result.get(k) for k in ("throughput", "dali")}, indent=1, default=str)[:4000])
+    try:
+        for section in SECTIONS:
+            if (only is not None and section.name not in only) or (section.dali and args.skip_dali):
+                continue
+            _run_section(section, result, opts, device, workdir, t_start, args.budget_s)
+            result["total_s"] = time.perf_counter() - t_start
+            with open(path, "w") as fh:
+                json.dump(result, fh, indent=1, default=str)
+            state = "ERROR" if section.name in result["errors"] else "skipped" if section.name in result["skipped"] else "done"
+            print(f"[gpu_check] {section.name}: {state} in {result['seconds'].get(section.name, 0.0):.1f}s", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = {k: result.get(k) for k in ("throughput_eager", "throughput_compiled", "fp16_scaler", "ddp_dali_trainer")}
+    print(json.dumps(summary, indent=1, default=str)[:4000])
     return 1 if result["errors"] else 0
 
 

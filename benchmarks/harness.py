@@ -28,7 +28,7 @@ from dist_sam.train.models import build_model
 from .config import DEFAULT_VARIANTS, RESULTS_DIR, BenchConfig, Variant, load_config, parse_variant
 
 __all__ = ["DEFAULT_VARIANTS", "RESULTS_DIR", "BenchConfig", "Variant", "parse_variant", "load_config", "PeakMemory",
-           "make_step", "available_variants", "measure", "run_world"]
+           "make_step", "compile_model", "available_variants", "measure", "run_world"]
 
 
 class PeakMemory:
@@ -110,10 +110,23 @@ def make_step(variant: Variant, model: nn.Module, cfg: BenchConfig) -> tuple[Cal
     opt = dist_sam.create_optimizer(variant.optimizer, model.parameters(), base="sgd", **base, **dict(variant.options))
 
     def sam_step(x, y):
-        return dist_sam.sam_step(model, opt, loss_fn, x, y, ascent=variant.ascent,
+        return dist_sam.sam_step(model, opt, loss_fn, x, y, ascent=variant.ascent, micro_impl=variant.micro_impl,
                                  micro_batch_size=variant.micro_batch_size, autocast_dtype=dtype)
 
     return sam_step, opt
+
+
+def compile_model(module: nn.Module, cfg: BenchConfig) -> nn.Module:
+    """``torch.compile(module, mode=cfg.compile_mode, backend=cfg.compile_backend)`` when
+    ``cfg.compile``, static shapes, with room in dynamo's cache for every m; else ``module``."""
+    if not cfg.compile:
+        return module
+    import torch._dynamo
+
+    for key in ("recompile_limit", "cache_size_limit"):  # one graph set per micro-batch size
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+    return torch.compile(module, mode=cfg.compile_mode, backend=cfg.compile_backend, dynamic=False)
 
 
 def _build_model(cfg: BenchConfig) -> nn.Module:
@@ -140,10 +153,10 @@ def _setup(cfg: BenchConfig, rank: int, ddp: bool) -> tuple[nn.Module, nn.Module
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     module = _build_model(cfg).to(device)
-    model: nn.Module = module
+    model: nn.Module = compile_model(module, cfg)
     counter = None
     if ddp:
-        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         counter = CommCounter.attach(model)
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device, memory_format=fmt),
@@ -199,10 +212,15 @@ def measure(cfg: BenchConfig, *, rank: int = 0, world_size: int = 1, ddp: bool =
         _one_step(steps[n][0], batches[i % 2], counter, sync, out[n] if timed else None)
 
     _prime(model, batches, cfg)
-    for n in names:  # warm-up; the first step of each variant also allocates its optimizer state
+    # Compiled: RW-SAM last_layer first, since registering its hook drops dynamo's graphs once
+    # (dist_sam.compiled); then a second warm-up pass, so no timed step compiles.
+    order = sorted(names, key=lambda n: "last_layer" not in n) if cfg.compile else names
+    for n in order:  # warm-up; the first step of each variant also allocates its optimizer state
         out[n]["peak_memory_bytes"] = probe.measure(lambda: run(n, 0, False))
         for i in range(1, cfg.warmup):
             run(n, i, False)
+    for n in order if cfg.compile else ():
+        run(n, 1, False)
     rounds = math.ceil(cfg.steps / cfg.steps_per_round)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:

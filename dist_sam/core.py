@@ -201,7 +201,9 @@ def sam_passes(
                 with autocast():
                     out = engine.forward(x, ascent=False, last=last)
                     descent = per_sample_losses(loss_fn, out, y, x.shape[0]).mean() / num_groups
-                engine.backward(scale(descent * poison.to(descent.device)), last=last)
+                # poison in the loss's dtype: a 0-dim float32 would promote an fp16 loss (and
+                # change how an engine's loss scaler overflows it; rho = 0 must be the plain step)
+                engine.backward(scale(descent * poison.to(descent.device, descent.dtype)), last=last)
         except BaseException:
             engine.restore(optimizer, last=True)
             raise

@@ -1,4 +1,4 @@
-"""SAM and RW-SAM under DeepSpeed ZeRO 0, 1 and 2: add a ``sam`` section to the JSON you have.
+"""SAM and RW-SAM under DeepSpeed ZeRO 0, 1, 2 and 3: add a ``sam`` section to the JSON you have.
 
     engine, optimizer, loader, scheduler = dist_sam.deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -17,7 +17,9 @@ fire), the perturbation on the module's own parameters with an exact copy, ``eng
 
 DeepSpeed owns the real (base) optimizer; a SAM-family object built on the module's parameters
 with a never-stepped ``SGD(lr=0)`` base supplies ``perturb``/``restore`` and RW-SAM's
-``ascent_loss``. ZeRO-3 (it partitions the parameters themselves) and fp16 are refused.
+``ascent_loss``. fp16 uses DeepSpeed's own loss scaler (:mod:`dist_sam.distributed.ds_fp16`);
+ZeRO-3 perturbs the gathered parameters (:mod:`dist_sam.distributed.zero3`, local ascent; SAM,
+USAM, RW-SAM). Both rely on DeepSpeed internals and accept DeepSpeed 0.19.8 only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from .bn import frozen_running_stats
 from .config import SamConfig
-from .distributed import collectives
+from .distributed import collectives, ds_fp16
 from .optim.rules import global_norm
 from .core import per_sample_losses, sam_passes
 from .distributed.deepspeed_engine import DeepSpeedStepEngine
@@ -78,26 +80,20 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
     ``train_micro_batch_size_per_gpu`` when the config gives it (or lets it be derived).
 
     Raises:
-        ValueError: naming the field: a bad ``sam`` section, ZeRO-3, fp16, ``ascent="full"``.
+        ValueError: naming the field: a bad ``sam`` section, a stage-3 setting it cannot run (m-SAM,
+            global ascent, ASAM), amp / fp16 autocast, ``ascent="full"``, an untested DeepSpeed
+            version for fp16 or ZeRO-3.
     """
     if "sam" not in config:
         raise ValueError('the DeepSpeed config has no "sam" section; add one, e.g. "sam": {"variant": "sam", '
                          '"rho": 0.05} (or use deepspeed.initialize for plain training)')
     sam = SamConfig.from_dict(config["sam"])
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ValueError(
-            f"zero_optimization.stage={stage!r} is not supported with a sam section (accepted: 0, 1, 2): ZeRO-3 "
-            "partitions the parameters themselves, so the local ascent gradient and the in-place perturbation "
-            "would have to gather every parameter on every rank; use ZeRO-2, which shards gradients and states")
-    autocast = config.get("torch_autocast")
-    fp16 = _enabled(config.get("fp16")) or _enabled(config.get("amp")) or (
-        _enabled(autocast) and str(autocast.get("dtype", "")) in _FP16_NAMES)
-    if fp16:
-        raise ValueError(
-            "fp16 (loss-scaled) training is refused with a sam section: DeepSpeed 0.19.8's fp16 loss scaling is "
-            "suspected to mis-scale the update (seen in a CPU simulation of ZeRO-0) and is not yet verified on a "
-            'GPU; use "bf16": {"enabled": true} or fp32')
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={stage!r} is not a ZeRO stage (accepted: 0, 1, 2, 3)")
+    if stage == 3:
+        _check_zero3(sam)
+    _check_precision(config)
     if sam.ascent == "full":
         raise ValueError("sam.ascent='full' (n-SAM, benchmarks only) is not supported under DeepSpeed; accepted: "
                          "'local', 'micro', 'global' (use dist_sam.sam_step for 'full')")
@@ -105,6 +101,28 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
     if sam.ascent == "micro" and micro is not None:
         _check_micro(sam, micro)
     return sam
+
+
+def _check_zero3(sam: SamConfig) -> None:
+    """ZeRO-3: device-local ascent on the gathered parameters (dist_sam.distributed.zero3)."""
+    if sam.ascent != "local":
+        raise ValueError(f"sam.ascent={sam.ascent!r} is not supported under zero_optimization.stage=3 (accepted: "
+                         "'local'; m-SAM and the global ascent need whole parameters outside a forward)")
+    if sam.is_adaptive:
+        raise ValueError(f"sam.variant={sam.variant!r} / sam.adaptive=true is not supported under "
+                         "zero_optimization.stage=3: ASAM's |w| needs whole parameters (accepted: sam, usam, rwsam)")
+    ds_fp16.check_version("zero_optimization.stage=3")
+
+
+def _check_precision(config: dict) -> None:
+    """fp16 through DeepSpeed's own loss scaler (``"fp16": {"enabled": true}``); amp and fp16 autocast refused."""
+    autocast = config.get("torch_autocast")
+    if _enabled(config.get("amp")) or (_enabled(autocast) and str(autocast.get("dtype", "")) in _FP16_NAMES):
+        raise ValueError(
+            'amp / torch_autocast with an fp16 dtype is not supported with a sam section (accepted: "fp16": '
+            '{"enabled": true}, which uses DeepSpeed\'s own loss scaler, "bf16": {"enabled": true}, or fp32)')
+    if _enabled(config.get("fp16")):
+        ds_fp16.check_version('"fp16": {"enabled": true}')
 
 
 def _micro_batch(config: dict, world_size: int | None) -> int | None:
@@ -165,6 +183,15 @@ def initialize(args: Any = None, model: nn.Module | None = None, *, config: dict
     return SAMEngine(engine, sam, loss_fn or nn.CrossEntropyLoss(reduction="none")), optimizer, loader, scheduler
 
 
+def _gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 class SAMEngine:
     """A DeepSpeed engine that takes SAM steps: :meth:`train_step`; every other attribute is the engine's.
 
@@ -181,7 +208,7 @@ class SAMEngine:
         self.module = engine.module
         # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
-        self._step_engine = DeepSpeedStepEngine(engine, self.sam.params)
+        self._step_engine = DeepSpeedStepEngine(engine, self.sam.params, config)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
         self._check_finite = self._arm_fp32_overflow_check()
 
@@ -240,7 +267,7 @@ class SAMEngine:
             loss = self._sam_passes(inputs, targets, c)
         else:  # `interval` makes this a plain base step
             loss = per_sample_losses(self.loss_fn, self.engine(inputs), targets, b).mean()
-            self.engine.backward(loss)
+            self.engine.backward(ds_fp16.descent_loss(self.engine, loss))  # ZeRO-0 fp16: pre-scaled
             loss = loss.detach().float()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self._check_finite:
@@ -262,7 +289,8 @@ class SAMEngine:
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any):
         """``engine.save_checkpoint`` with SAM's state (step counter, RW-SAM's ``mu``) in the client state."""
         state = dict(client_state or {})
-        state[CLIENT_STATE_KEY] = self.sam.state_dict()
+        # DeepSpeed writes the client state from rank 0 only; RW-SAM's mu="auto" is calibrated per rank
+        state[CLIENT_STATE_KEY] = {"per_rank": _gather_objects(self.sam.state_dict())}
         return self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any):
@@ -270,6 +298,10 @@ class SAMEngine:
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         if client_state and CLIENT_STATE_KEY in client_state:
             client_state = dict(client_state)
-            self.sam.load_state_dict(client_state.pop(CLIENT_STATE_KEY))
+            saved = client_state.pop(CLIENT_STATE_KEY)
+            if "per_rank" in saved:  # this rank's own (rank 0's after a change of world size)
+                ranks = saved["per_rank"]
+                saved = ranks[collectives.rank()] if len(ranks) == collectives.world_size() else ranks[0]
+            self.sam.load_state_dict(saved)
             self._micro_index = 0
         return path, client_state

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_ddp, config, gpu_check, harness, report, run, study
+from benchmarks import bench_ddp, config, floor, gpu_check, harness, report, run, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "benchmarks", "configs", "quick.yaml")
@@ -146,12 +146,64 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert gpu_check.main(args) == 0
     with open(tmp_path / "gpu_check.json") as fh:
         result = json.load(fh)
-    assert result["schema"] == gpu_check.SCHEMA and result["dry_run"] is True and result["errors"] == {}
-    assert result["correctness"]["ok"] is True
-    assert set(result["throughput"]["variants"]) == set(gpu_check.VARIANTS)
-    assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local"} <= set(result["throughput"]["ratios"])
+    assert result["schema"] == gpu_check.SCHEMA and result["dry_run"] is True
+    assert result["errors"] == {} and result["skipped"] == {}, (result["errors"], result["skipped"])
+    ran = [s.name for s in gpu_check.SECTIONS if dali.dali_available() or not s.dali]
+    assert list(result["seconds"]) == ran, "every section ran, in order, and wrote its time"
+    assert result["correctness"]["ok"] is True and set(result["correctness"]) >= set(gpu_check.VARIANTS)
+    assert set(result["throughput_eager"]["variants"]) == set(gpu_check.VARIANTS)
+    assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local", "msam-b/4-vmap/msam-b/4"} <= set(result["throughput_eager"]["ratios"])
+    assert result["throughput_compiled"]["config"]["compile"] is True
+    assert set(result["throughput_compiled_rwsam"]["variants"]) == {"sgd", "rwsam-fd", "rwsam-last_layer"}
+    fp16 = result["fp16_scaler"]
+    assert fp16["ok"] and fp16["inf_step_skipped"] and fp16["scale_after_inf"] < fp16["scale_before_inf"]
+    trainer = result["ddp_dali_trainer"]
+    assert trainer["ok"] and trainer["wrapped"] == "DistributedDataParallel" and trainer["epochs_completed"] == 2
+    assert trainer["comm_per_step"]["allreduce_calls_per_step"] >= 1, "the DDP trainer all-reduced at world size 1"
     if dali.dali_available():
+        assert trainer["data_backend"] == "dali"
         assert result["dali"]["images"] > 0 and _number(result["dali"]["img_per_s"])
+
+
+def test_gpu_check_budget_skips_sections(tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0", "--only", "correctness,fp16_scaler"]) == 0
+    with open(tmp_path / "gpu_check.json") as fh:
+        result = json.load(fh)
+    assert set(result["skipped"]) == {"correctness", "fp16_scaler"} and "correctness" not in result
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "nonsense"]) == 2
+
+
+@pytest.mark.slow
+def test_msam_floor_quick(tmp_path):
+    assert floor.main(["--config", os.path.join(ROOT, "benchmarks", "configs", "msam_floor_quick.yaml"), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "msam_floor_quick.json") as fh:
+        result = json.load(fh)
+    assert result["schema"] == floor.SCHEMA and result["finite"] is True and result["target"] == 1.15
+    b = result["config"]["batch_size"]
+    assert [(r["mode"], r["m"]) for r in result["records"]] == [(mode, b // k) for mode in floor.MODES for k in (1, 2, 4)]
+    for r in result["records"]:
+        k = r["k"]
+        if r["mode"] != "compiled":  # counted by a hook on the eager module
+            assert r["forwards_per_floor"] == 2 * k, "the floor: 2 b/m passes at batch m"
+        # the sequential step runs as many forwards as its floor; the batched one runs two vmapped ones
+        assert r["forwards_per_step"] == {"eager": 2 * k, "vmap": 2, "compiled": None}[r["mode"]]
+        assert r["floor_of"] == ("eager" if r["mode"] == "vmap" else r["mode"])
+        assert all(_number(r[key]) for key in ("ratio_to_floor", "ratio_to_floor_paired", "step_ratio_vs_sgd", "floor_ratio_vs_sgd"))
+        assert r["step_s"]["n"] == result["config"]["steps"] and isinstance(r["within_target"], bool)
+    for suffix in (".md", ".png"):
+        assert (tmp_path / f"msam_floor_quick{suffix}").stat().st_size > 0
+
+
+def test_floor_config_and_vmap_variant_validation():
+    with pytest.raises(ValueError, match="divisors"):
+        floor.FloorConfig(batch_size=32, divisors=(3,))
+    with pytest.raises(ValueError, match="modes"):
+        floor.FloorConfig(modes=("eager", "jit"))
+    with pytest.raises(ValueError, match="steps"):
+        floor.FloorConfig(steps=5)
+    v = config.parse_variant("msam-b/4-vmap", 32, 1, config.BenchConfig())
+    assert (v.ascent, v.micro_batch_size, v.micro_impl, v.name) == ("micro", 8, "vmap", "msam-b/4-vmap")
+    assert config.parse_variant("msam-b/4", 32, 1, config.BenchConfig()).micro_impl == "loop"
 
 
 # -- the study's named grids (benchmarks/study_grid.py) -----------------------------------------

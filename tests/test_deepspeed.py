@@ -302,8 +302,8 @@ def _config(**sam):
     (_config(ascent="micro", micro_batch_size=3), "sam.micro_batch_size"),
     (_config(ascent="micro"), "sam.micro_batch_size"),
     (_config(ascent="full"), "sam.ascent"),
-    (dict(_config(), zero_optimization={"stage": 3}), "zero_optimization.stage"),
-    (dict(_config(), fp16={"enabled": True}), "fp16"),
+    (dict(_config(), zero_optimization={"stage": 4}), "zero_optimization.stage"),
+    (dict(_config(), amp={"enabled": True}), "amp"),
     (dict(_config(), torch_autocast={"enabled": True, "dtype": "fp16"}), "fp16"),
     ({"train_micro_batch_size_per_gpu": 8}, '"sam"'),
 ])

@@ -9,22 +9,46 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-__all__ = ["unwrap", "is_ddp", "check_model", "no_grad_sync", "CommCounter"]
+from ..compiled import is_compiled, strip_compiled
+
+__all__ = ["unwrap", "local_module", "ddp_of", "is_ddp", "check_model", "no_grad_sync", "CommCounter"]
+
+
+def ddp_of(model: nn.Module) -> DDP | None:
+    """The DDP wrapper of ``model`` (also inside ``torch.compile(DDP(...))``), or ``None``."""
+    model = strip_compiled(model)
+    return model if isinstance(model, DDP) else None
 
 
 def is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, DDP)
+    """True for a DDP model, compiled or not."""
+    return ddp_of(model) is not None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, DDP) else model
+    """The user's eager module inside every DDP and ``torch.compile`` wrapper (or the model itself)."""
+    model = strip_compiled(model)
+    return strip_compiled(model.module if isinstance(model, DDP) else model)
+
+
+def local_module(model: nn.Module) -> nn.Module:
+    """What to run a forward on without any communication, compiled if the user compiled it.
+
+    ``DDP(torch.compile(m))`` and ``torch.compile(m)`` give the compiled module; a plain module,
+    ``DDP(m)`` and ``torch.compile(DDP(m))`` give ``m`` (eager: the only compiled callable of the
+    last one is the DDP wrapper, see :mod:`dist_sam.compiled`).
+    """
+    ddp = ddp_of(model)
+    if ddp is None:
+        return model
+    return ddp.module
 
 
 def check_model(model: nn.Module) -> None:
@@ -34,7 +58,14 @@ def check_model(model: nn.Module) -> None:
         ValueError: ``static_graph=True``. DDP asserts when the first iteration runs under
             ``no_sync()``, and gradients taken otherwise are silently wrong under a static graph.
     """
-    if isinstance(model, DDP) and model.static_graph:
+    ddp = ddp_of(model)
+    if ddp is not None and is_compiled(model) and not getattr(model, "_dist_sam_warned", False):
+        model._dist_sam_warned = True
+        warnings.warn(
+            "torch.compile(DDP(model)) is exact with sam_step but compiles nothing here: dynamo skips DDP's "
+            "forward (torch 2.14.1 captured no graph); wrap the other way round, DDP(torch.compile(model))",
+            stacklevel=3)
+    if ddp is not None and ddp.static_graph:
         raise ValueError(
             "DistributedDataParallel(static_graph=True) is not supported by sam_step: its reducer "
             "assumes every backward is synchronized, which the device-local ascent pass is not; "
@@ -46,10 +77,11 @@ def no_grad_sync(model: nn.Module, enabled: bool = True) -> contextlib.AbstractC
     """Context in which forward *and* backward accumulate gradients locally, without all-reduce.
 
     Wrap both: a DDP forward outside ``no_sync()`` already prepares the reducer for a
-    synchronized backward.
+    synchronized backward. ``torch.compile(DDP(m))`` is seen through: its DDP's ``no_sync()``.
     """
-    if enabled and isinstance(model, DDP):
-        return model.no_sync()
+    ddp = ddp_of(model) if enabled else None
+    if ddp is not None:
+        return ddp.no_sync()
     return contextlib.nullcontext()
 
 
@@ -72,10 +104,11 @@ class CommCounter:
 
     @classmethod
     def attach(cls, model: DDP) -> "CommCounter":
-        if not isinstance(model, DDP):
+        ddp = ddp_of(model)
+        if ddp is None:
             raise ValueError(f"CommCounter.attach needs a DistributedDataParallel model, got {type(model).__name__}")
         counter = cls()
-        model.register_comm_hook(counter, _counting_allreduce_hook)
+        ddp.register_comm_hook(counter, _counting_allreduce_hook)
         return counter
 
     def reset(self) -> None:

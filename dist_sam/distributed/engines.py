@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core import AscentGrads, StepEngine
-from .ddp import check_model, no_grad_sync, unwrap
+from .ddp import check_model, local_module, no_grad_sync
 
 __all__ = ["engine_for", "is_fsdp", "DDPEngine"]
 
@@ -36,7 +36,7 @@ class DDPEngine(StepEngine):
 
     def __init__(self, model: nn.Module) -> None:
         check_model(model)
-        super().__init__(model, unwrap(model))
+        super().__init__(model, local_module(model))  # compiled if the user compiled it (dist_sam.compiled)
 
     def ascent_pass(self, sync: bool) -> contextlib.AbstractContextManager:
         return no_grad_sync(self.model, enabled=not sync)

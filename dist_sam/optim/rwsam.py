@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..compiled import LayerCapture, is_compiled, strip_compiled
 from .calibration import calibrate_mu
 from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
 from .registry import register_optimizer
@@ -145,6 +146,8 @@ class RWSAM(SAM):
         self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
+        self._capture = LayerCapture()  # last_layer on a compiled model: one hook, kept
+        self._warned_eager = False
         #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
         #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
         self.groups_per_rank: int | None = None
@@ -164,7 +167,12 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(_unwrap(model))
+        layer = self._final_linear(strip_compiled(_unwrap(strip_compiled(model))))
+        if is_compiled(model) or is_compiled(_unwrap(model)):  # dynamo does not guard on hooks
+            self._capture.attach(layer)
+            self._captured = self._capture.value = None
+            yield
+            return
 
         def hook(mod, inputs, output):
             self._captured = (inputs[0].detach(), output.detach(), mod)
@@ -174,6 +182,7 @@ class RWSAM(SAM):
             yield
         finally:
             handle.remove()
+
 
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
         """``(1/b) Σ_i a_i f_i(w)`` with ``a = gibbs_weights(s, lam, normalization)``.
@@ -200,17 +209,23 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
+        eager = strip_compiled(module)  # torch.func.grad cannot run over a compiled module (dist_sam.compiled)
         if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
-            named = context["named_params"]()
+            named = named_eager = context["named_params"]()
         else:
             ids = {id(p) for p in self.params}
             named = {n: p for n, p in module.named_parameters() if id(p) in ids}  # v covers them in this order
+            named_eager = {n: p for n, p in eager.named_parameters() if id(p) in ids}  # the same, unprefixed
         if self.estimator == "exact":
-            return exact_norms(module, loss_fn, x, y, named, rng_state=rng_state)
+            if eager is not module and not self._warned_eager:
+                self._warned_eager = True
+                warnings.warn("RW-SAM estimator='exact' runs on the eager module under torch.compile: torch.func.grad "
+                              "over a compiled module is not supported from eager code", stacklevel=4)
+            return exact_norms(eager, loss_fn, x, y, named_eager, rng_state=rng_state)
         seed = self._direction_seed(context)
         autocast = context.get("autocast") or contextlib.nullcontext
         if self.mu is None:
-            self._calibrate(module, loss_fn, x, y, losses, named, seed, autocast, rng_state)
+            self._calibrate(eager, loss_fn, x, y, losses, named_eager, seed, autocast, rng_state)
         mu = self.group_mu.get(self._global_group(context), self.mu) if self.group_mu else self.mu
         return fd_norms(module, loss_fn, x, y, losses, named, mu, seed=seed, num_directions=self.num_directions,
                         autocast=autocast, rng_state=rng_state, workspace=self._workspace(named))
@@ -288,7 +303,7 @@ class RWSAM(SAM):
         return layer
 
     def _last_layer_estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
-        captured, self._captured = self._captured, None
+        captured, self._captured = self._captured or self._capture.take(), None
         if captured is None:
             raise ValueError("estimator='last_layer' saw no forward of the final nn.Linear: run the ascent "
                              "forward inside opt.ascent_context(model) (dist_sam.sam_step does)")

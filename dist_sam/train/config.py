@@ -23,15 +23,18 @@ from .models import MODELS
 from .parallel import PARALLEL
 
 __all__ = ["TrainConfig", "RunConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "CheckpointConfig",
-           "load_config", "parse_overrides", "to_dict", "RESUME_MAY_DIFFER", "PRECISIONS"]
+           "load_config", "parse_overrides", "to_dict", "RESUME_MAY_DIFFER", "PRECISIONS", "COMPILE_MODES"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``torch.compile`` modes (``model.compile_mode``; ``null`` is torch's default).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP", "SIGCHLD", "SIGCLD", "SIGRTMIN", "SIGRTMAX")
 BASES = ("sgd", "adamw", "adam")
 #: Keys that may change between a run and its resume (paths, logging, stopping, loader threads).
 RESUME_MAY_DIFFER = ("run.output_dir", "run.stop_at_step", "run.log_every", "run.progress", "run.tensorboard",
                      "checkpoint.*", "data.root", "data.num_workers", "data.dali_cpu_threads", "data.validate_files",
-                     "data.device", "data.val_batch_size")
+                     "data.device", "data.val_batch_size", "model.compile", "model.compile_mode",
+                     "model.compile_backend")
 
 
 def _fail(key: str, value: Any, accepted: str) -> None:
@@ -108,11 +111,16 @@ class ModelConfig:
 
     ``sync_bn`` converts BatchNorm to SyncBatchNorm (ignored with one process). For channels_last
     memory format set ``data.channels_last``: it converts both the batches and the model.
+    ``compile: true`` trains ``DDP(torch.compile(model, mode=compile_mode, backend=compile_backend))``
+    (:mod:`dist_sam.compiled`); evaluation and checkpoints use the eager module (same weights).
     """
 
     name: str = "resnet50"
     num_classes: int | None = None
     sync_bn: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
     parallel: str = "ddp"
     fsdp_memory: str = "resident"
 
@@ -120,8 +128,15 @@ class ModelConfig:
         _choice("model.name", self.name, MODELS)
         _int("model.num_classes", self.num_classes, 2, optional=True)
         _bool("model.sync_bn", self.sync_bn)
+        _bool("model.compile", self.compile)
+        if self.compile_mode is not None:
+            _choice("model.compile_mode", self.compile_mode, COMPILE_MODES)
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            _fail("model.compile_backend", self.compile_backend, "a torch.compile backend name, e.g. 'inductor'")
         _choice("model.parallel", self.parallel, PARALLEL)
         _choice("model.fsdp_memory", self.fsdp_memory, FSDP_MEMORY)
+        if self.compile and self.parallel == "fsdp":
+            _fail("model.compile", self.compile, "false with model.parallel=fsdp (torch.compile is supported under DDP)")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -69,7 +69,12 @@ def deepspeed_config(cfg: TrainConfig, path: str) -> dict[str, Any]:
     if cfg.run.precision == "bf16":
         config.setdefault("bf16", {"enabled": True})
     elif cfg.run.precision == "fp16":
-        raise ValueError("run.precision: fp16 is refused under --deepspeed with SAM; use bf16 or fp32")
+        raise ValueError("run.precision: fp16 is not supported by the trainer under --deepspeed; use bf16 or fp32 "
+                         '(dist_sam.deepspeed.initialize accepts "fp16": {"enabled": true} directly)')
+    if (config.get("zero_optimization") or {}).get("stage", 0) == 3:
+        raise ValueError(f"--deepspeed {path}: zero_optimization.stage=3 is not supported by the trainer (its "
+                         "model.pt and replica digests need whole parameters); accepted: 0, 1, 2, or "
+                         "dist_sam.deepspeed.initialize directly for ZeRO-3")
     check_config(config)
     return config
 
@@ -78,6 +83,9 @@ class DeepSpeedTrainer(Trainer):
     """:class:`Trainer` with a DeepSpeed engine in place of DDP (ZeRO 0/1/2, bf16 or fp32)."""
 
     def __init__(self, cfg: TrainConfig, env, ds_config: dict[str, Any]) -> None:
+        if cfg.model.compile:
+            raise ValueError("model.compile=true is not supported with the DeepSpeed trainer (its engine wraps the "
+                             "module); train with DDP (no deepspeed config) or set model.compile=false")
         self.ds_config = ds_config
         super().__init__(cfg, env)
 

@@ -108,13 +108,15 @@ class Trainer(CheckpointMixin):
         return replan(BatchPlan.from_dict(state["plan"]), self.env.world_size, self.cfg, self.resumed_from)
 
     def setup(self, model: nn.Module) -> None:
-        """DDP (several processes), the optimizer, the LR schedule and the fp16 scaler."""
-        self.model = model
+        """``torch.compile`` (``model.compile``), DDP (several processes) or FSDP2, the optimizer, the
+        LR schedule and the fp16 scaler. DDP wraps the compiled module (:mod:`dist_sam.compiled`)."""
+        spec = self.cfg.model
+        self.model = torch.compile(model, mode=spec.compile_mode, backend=spec.compile_backend) if spec.compile else model
         if self.cfg.model.parallel == "fsdp":  # the module itself is sharded (FSDP2 works in place)
             shard(model, param_dtype=torch.bfloat16 if self.cfg.run.precision == "bf16" else None)
         elif self.env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(model, device_ids=ids)
+            self.model = DDP(self.model, device_ids=ids)
             self.comm = CommCounter.attach(self.model)
         self.optimizer = build_optimizer(self.cfg, model.parameters(), self.env.world_size, self.plan.global_batch)
         if isinstance(self.optimizer, RWSAM):  # directions per global ascent group: the same at any world size
