@@ -196,6 +196,7 @@ def sam_passes(
         norm = engine.norm([t for t in g if t is not None])
         poison = torch.where(torch.isfinite(norm), 1.0, float("nan"))
         engine.perturb(optimizer, params, g, norm, first=j == 0, owned=fixed_grads is None)
+        params = g = None  # e is applied (or held by the engine): the ascent gradient's memory goes now
         try:
             with engine.descent_pass(last), frozen_running_stats(engine.module, freeze_bn):
                 with autocast():
