@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import warnings
 from typing import Any, Callable
@@ -34,7 +33,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .bn import frozen_running_stats
 from .config import SamConfig
 from .distributed import collectives, ds_fp16
 from .optim.rules import global_norm

@@ -72,14 +72,6 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     torch._foreach_div_(list(tensors), float(n))
 
 
-def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s (one collective per tensor; no-op alone)."""
-    if world_size() == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t, src=src)
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world_size() > 1:
