@@ -13,8 +13,6 @@ Writes ``fsdp_gpu_check.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import section_main
 
 __all__ = ["run", "main"]
 
@@ -90,16 +90,7 @@ def run(dry_run: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_checks.fsdp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    result = run(args.dry_run)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fsdp_gpu_check.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "modes"}))
-    return 0 if result["ok"] else 1
+    return section_main("fsdp", __doc__, run, "modes", argv)
 
 
 if __name__ == "__main__":
