@@ -10,7 +10,7 @@ says only what differs between DDP, FSDP2 and DeepSpeed:
 ``perturb(...)``            ``w <- w + e(g)`` wherever this engine keeps the weights it computes with
 ``descent_pass(last)``      context around the descent forward and backward (sync at the last group)
 ``backward(loss, last)``    the descent backward (the engine's reduction at the last group)
-``restore(last)``           undo the perturbation (exact copy, or nothing to undo)
+``restore(last)``           undo the perturbation (exactly: ``w`` swapped back, or nothing to undo)
 ==========================  ============================================================
 
 The finishing step (clipping, non-finite skip, base-optimizer step) differs per engine too and is
@@ -94,7 +94,7 @@ class StepEngine:
     def perturb(self, optimizer: SAM, params: list[torch.Tensor], grads: list[torch.Tensor | None],
                 norm: torch.Tensor, *, first: bool, owned: bool) -> None:
         """``w <- w + e(g)``. ``first``: the step's first group; ``owned``: ``grads`` may be overwritten."""
-        optimizer.perturb(grads, inplace=owned, grad_norm=norm, reuse_backup=not first)
+        optimizer.perturb(grads, inplace=owned, grad_norm=norm)
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
         """Context around the descent forward and backward; the gradient syncs at the ``last`` group."""
@@ -157,7 +157,7 @@ def sam_passes(
 
     Args:
         engine: the :class:`StepEngine` of the model.
-        optimizer: the SAM-family object (its rule, RW-SAM's ascent loss, the exact backup).
+        optimizer: the SAM-family object (its rule, RW-SAM's ascent loss, ``w``'s exact restore).
         loss_fn: per-sample loss.
         inputs: this rank's batch; ``targets``: its targets.
         num_groups: ``c``, the number of ascent groups the batch is cut into.

@@ -11,7 +11,7 @@
 values of :class:`dist_sam.config.SamConfig`. The step is the shared core
 (:func:`dist_sam.core.sam_passes`) driving :class:`~dist_sam.distributed.deepspeed_engine.DeepSpeedStepEngine`:
 a local ascent through ``torch.autograd.grad`` on ``engine.module`` (ZeRO's reducing hooks never
-fire), the perturbation on the module's own parameters with an exact copy, ``engine(x)`` and
+fire), the perturbation on the module's own parameters (restored exactly), ``engine(x)`` and
 ``engine.backward(loss)`` as the only gradient reduction, the restore, then ``engine.step()``
 (clipping applies to the descent gradient).
 

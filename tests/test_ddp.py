@@ -23,12 +23,12 @@ LR, MOM, RHO = 0.1, 0.9, 0.05
 
 
 class RecordingSAM(SAM):
-    """SAM that remembers the last perturbation it applied."""
+    """SAM that remembers the weights ``w + e`` of its last perturbation (``w`` is the same on
+    every rank, so equal records mean equal perturbations)."""
 
-    def compute_perturbation(self, grads, params, groups, **kw):
-        e = super().compute_perturbation(grads, params, groups, **kw)
-        self.last_e = [t.detach().clone() for t in e]
-        return e
+    def perturb(self, grads, **kw):
+        super().perturb(grads, **kw)
+        self.last_e = [p.detach().clone() for p in self.params]
 
 
 def _global_batch(step: int, kind: str = "cnn"):

@@ -344,3 +344,67 @@ def test_grad_scaler_gives_the_unscaled_step(ascent, extra):
         weights.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*weights):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def _grad_pointer_hooks(model, log):
+    """Per parameter, after each accumulation: (weights' storage, gradient's storage)."""
+    return [p.register_post_accumulate_grad_hook(lambda p, i=i: log.setdefault(i, []).append((p.data_ptr(), p.grad.data_ptr())))
+            for i, p in enumerate(model.parameters())]
+
+
+def test_msam_reuses_one_buffer_per_parameter_and_never_writes_w():
+    """Issue 14: no fresh gradient buffers per micro-batch and no copy of w. Each micro-batch's
+    ascent gradient accumulates into the same buffer, w + e is written over it and computed with,
+    and w's own storage is never written during the passes (lr = 0: the base step keeps w)."""
+    model = make_cnn(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+    home = [p.data_ptr() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    log: dict[int, list] = {}
+    hooks = _grad_pointer_hooks(model, log)
+    x, y = make_batch("cnn", 16, dtype=torch.float32)
+    for _ in range(2):
+        sam_step(model, opt, CE, x, y, ascent="micro", micro_batch_size=4)
+    for h in hooks:
+        h.remove()
+    for i, events in log.items():
+        assert len(events) == 2 * 2 * 4  # 2 steps x (ascent + descent) x 4 micro-batches
+        ascent = [g for w, g in events if w == home[i]]  # passes at w: the ascents
+        descent_weights = {w for w, _ in events if w != home[i]}
+        assert len(ascent) == 8 and len(set(ascent)) == 1  # one ascent buffer for every micro-batch
+        assert descent_weights == set(ascent)  # w + e lives in that buffer: nothing else allocated
+    assert [p.data_ptr() for p in model.parameters()] == home  # w's storage is the parameter again
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_parameters_viewing_one_flat_buffer_still_view_it_after_steps():
+    """Parameters that are views of one flat buffer (as DeepSpeed's and apex's optimizers keep
+    them) are views of it again after the restore, and the base step's update lands there."""
+    model = make_mlp(dtype=torch.float64)
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    ref = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    ref_opt = SAM(ref.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    x, y = make_batch("mlp", 8)
+    for _ in range(2):
+        sam_step(model, opt, CE, x, y, ascent="micro", micro_batch_size=4)
+        sam_step(ref, ref_opt, CE, x, y, ascent="micro", micro_batch_size=4)
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in ref.parameters()]))
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
+
+
+def test_ascent_buffers_refused_while_perturbed():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    x, y = make_batch("mlp", 8)
+    CE(model(x), y).mean().backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="restore"):
+        opt.ascent_buffers()
+    opt.restore()
+    assert all(torch.count_nonzero(b) == 0 for b in opt.ascent_buffers())

@@ -27,11 +27,14 @@ def _swap_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) ->
 
 
 class DDPEngine(StepEngine):
-    """A DDP-wrapped or plain module: ``no_sync()`` makes a pass local; the exact backup restores.
+    """A DDP-wrapped or plain module: ``no_sync()`` makes a pass local; ``w`` is swapped back exactly.
 
     The ascent backward accumulates into ``.grad`` under ``no_sync()`` (so DDP's reducer sees a
-    local pass, ``gradient_as_bucket_view`` included); its gradients are swapped out of ``.grad``
-    right after, leaving the descent gradients accumulated so far in place.
+    local pass, ``gradient_as_bucket_view`` included): into the optimizer's zeroed
+    :meth:`~dist_sam.SAM.ascent_buffers`, swapped in and out of ``.grad`` around it, leaving the
+    descent gradients accumulated so far in place. The same buffers then receive ``w + e``: no
+    gradient memory is allocated per micro-batch (fresh buffers made the CPU allocator return
+    and re-fault ~P bytes per micro-batch, the bulk of m-SAM's overhead at small m).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -43,7 +46,7 @@ class DDPEngine(StepEngine):
 
     def ascent_gradients(self, objective: torch.Tensor, optimizer) -> AscentGrads:
         params = optimizer.params
-        stash = _swap_grads(params, [None] * len(params))  # descent gradients accumulated so far
+        stash = _swap_grads(params, optimizer.ascent_buffers())  # descent gradients accumulated so far
         objective.backward()
         return params, _swap_grads(params, stash)
 

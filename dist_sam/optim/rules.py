@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["EPS_NORM", "global_norm", "perturbation"]
+__all__ = ["EPS_NORM", "global_norm", "perturbation", "perturbation_scales"]
 
 #: Floor added to a norm before dividing by it (SPEC.md notation ``eps_norm``).
 EPS_NORM = 1e-12
@@ -82,23 +82,51 @@ def perturbation(
     """
     n = len(grads)
     rhos = _per_param(rho, n)
-    if adaptive:
-        scale = [p.detach().abs().add(t) for p, t in zip(params, _per_param(eta, n))]  # T = |w| + eta
-        scaled = [t * g for t, g in zip(scale, grads)]  # T ⊙ g
-        direction = [t * s for t, s in zip(scale, scaled)]  # T² ⊙ g
-    else:
-        scaled, direction = list(grads), list(grads)
+    if not adaptive:
+        scales = perturbation_scales(grads, rho=rhos, normalize=normalize, grad_norm=grad_norm, norm_fn=norm_fn)
+        if inplace and all(g.dtype == p.dtype for g, p in zip(grads, params)):
+            if len({id(s) for s in scales}) == 1:
+                torch._foreach_mul_(list(grads), scales[0])  # one pass
+            else:
+                torch._foreach_mul_(list(grads), scales)
+            return list(grads)
+        return [(g.to(s.dtype) * s).to(p.dtype) for g, s, p in zip(grads, scales, params)]
+    t = [p.detach().abs().add(eta_i) for p, eta_i in zip(params, _per_param(eta, n))]  # T = |w| + eta
+    scaled = [ti * g for ti, g in zip(t, grads)]  # T ⊙ g
+    direction = [ti * s for ti, s in zip(t, scaled)]  # T² ⊙ g
     if not normalize:
-        if inplace and not adaptive:
-            torch._foreach_mul_(direction, rhos)
-            return direction
         return [(r * d).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
-    norm = norm_fn(scaled) if grad_norm is None or adaptive else grad_norm
-    inv_norm = 1.0 / (norm + EPS_NORM)  # float32 or wider
-    if inplace and not adaptive and all(d.dtype == p.dtype for d, p in zip(direction, params)):
-        if len(set(rhos)) == 1 and len({d.device for d in direction}) == 1:
-            torch._foreach_mul_(direction, (rhos[0] * inv_norm).to(direction[0].device))  # one pass
-        else:
-            torch._foreach_mul_(direction, [(r * inv_norm).to(d.device) for r, d in zip(rhos, direction)])
-        return direction
+    inv_norm = 1.0 / (norm_fn(scaled) + EPS_NORM)  # float32 or wider
     return [(d.to(inv_norm.dtype) * (r * inv_norm.to(d.device))).to(p.dtype) for r, d, p in zip(rhos, direction, params)]
+
+
+def perturbation_scales(
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: PerParam,
+    normalize: bool = True,
+    grad_norm: torch.Tensor | None = None,
+    norm_fn=global_norm,
+) -> list[torch.Tensor]:
+    """SAM's and USAM's ``e_i = s_i · g_i`` as the factors ``s_i`` (0-dim, float32 or wider, on
+    each gradient's device; one tensor object per distinct ``rho``).
+
+    ``s_i = rho_i / (||g|| + eps)`` (SAM) or ``rho_i`` (USAM, ``normalize=False``), so a caller can
+    write ``w + s_i · g_i`` in one fused pass (:meth:`dist_sam.SAM.perturb`). Arguments as
+    :func:`perturbation`.
+    """
+    rhos = _per_param(rho, len(grads))
+    if normalize:
+        norm = norm_fn(list(grads)) if grad_norm is None else grad_norm
+        inv = 1.0 / (norm + EPS_NORM)  # float32 or wider
+    else:
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        inv = torch.ones((), dtype=dtype, device=grads[0].device if grads else None)
+    cache: dict[tuple, torch.Tensor] = {}
+    out = []
+    for r, g in zip(rhos, grads):
+        key = (r, g.device)
+        if key not in cache:
+            cache[key] = (r * inv).to(g.device)
+        out.append(cache[key])
+    return out

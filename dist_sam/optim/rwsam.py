@@ -248,15 +248,13 @@ class RWSAM(SAM):
         return direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
 
     def _workspace(self, named: dict) -> dict | None:
-        """SAM's restore buffer, idle until :meth:`perturb`, holds ``w + mu·v``: no extra memory."""
+        """SAM's ``w + e`` buffers, idle until :meth:`perturb`, hold ``w + mu·v``: no extra memory."""
         params = self.params
         index = {id(p): i for i, p in enumerate(params)}
         if self.is_perturbed or not all(id(p) in index for p in named.values()):
             return None  # perturbed, or a sharded engine's copies: the estimator allocates its own
-        if self._backup is None or len(self._backup) != len(params):
-            self._backup = [torch.empty_like(p) for p in params]
-        self._backup_is_w = False  # the estimator writes w + mu·v into it
-        return {n: self._backup[index[id(p)]] for n, p in named.items()}
+        shadows = self._shadows(params)
+        return {n: shadows[index[id(p)]] for n, p in named.items()}
 
     def _calibrate(self, module, loss_fn, x, y, losses, named, seed, autocast, rng_state) -> None:
         result = calibrate_mu(module, loss_fn, x, y, losses, named, seed=seed, num_directions=self.num_directions,

@@ -4,7 +4,7 @@
 gradient scalers and checkpointing treat it like the base optimizer. The two-pass protocol is::
 
     loss_fn(model(x), y).mean().backward()   # ascent gradient g at w
-    opt.first_step(zero_grad=True)           # w <- w + e(g), exact copy of w kept aside
+    opt.first_step(zero_grad=True)           # w <- w + e(g), w itself kept aside untouched
     loss_fn(model(x), y).mean().backward()   # descent gradient h at w + e
     opt.second_step(zero_grad=True)          # w <- copy; base.step() with h
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .rules import perturbation
+from .rules import perturbation, perturbation_scales
 
 __all__ = ["SAM", "USAM", "ASAM"]
 
@@ -47,7 +47,8 @@ class SAM(torch.optim.Optimizer):
         interval: take a SAM step every ``interval`` steps and plain base steps in between.
         **base_kwargs: forwarded to ``base_optimizer`` when it is a class (``lr``, ``momentum``...).
 
-    The exact copy of ``w`` used for the restore is a private buffer: it never appears in
+    While perturbed, each parameter's data is a private ``w + e`` buffer and ``w`` waits untouched
+    in the parameter's own storage, swapped back by :meth:`restore`. Neither appears in
     ``state_dict()``, which holds the base optimizer's state plus SAM's step counter.
     """
 
@@ -94,8 +95,8 @@ class SAM(torch.optim.Optimizer):
         self._share_groups()
         self.interval = interval
         self.num_steps = 0  # optimizer steps taken (SAM or plain); drives `interval`
-        self._backup: list[torch.Tensor] | None = None  # exact copy of w while perturbed
-        self._backup_is_w = False  # the backup still equals w (reusable within one step)
+        self._shadow: list[torch.Tensor] | None = None  # storage of w + e, one per parameter, reused
+        self._home: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its own data: w) while perturbed
         self._perturbed = False
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -125,33 +126,65 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def perturb(
         self, grads: Sequence[torch.Tensor | None], *, inplace: bool = False, grad_norm: torch.Tensor | None = None,
-        reuse_backup: bool = False,
     ) -> None:
         """``w <- w + e(g)`` for the ascent gradients ``grads`` (aligned with :attr:`params`).
 
-        Keeps an exact copy of ``w`` (allocated once, reused) for :meth:`restore`. A ``None``
-        gradient leaves its parameter where it is. ``inplace=True`` lets the rule overwrite
-        ``grads`` (SAM and USAM then need no extra memory); pass it only for buffers you own.
+        ``w`` itself is never written: ``w + e`` goes into a second buffer per parameter
+        (allocated once, reused every step) that is swapped in as the parameter's data, and
+        :meth:`restore` swaps ``w`` back (exact by construction; no copy of ``w`` is ever taken).
+        An m-SAM step thus costs one fused ``w + s·g`` pass per micro-batch and no copies. A
+        ``None`` gradient leaves its parameter where it is. ``grads`` may be the
+        :meth:`ascent_buffers` (then overwritten with ``w + e``); ``inplace=True`` lets the rule
+        overwrite other ``grads``; pass it only for buffers you own.
         ``grad_norm`` is ``||g||`` over every non-``None`` gradient, if the caller has it.
-        ``reuse_backup=True`` skips the copy when the backup still holds ``w`` from this step's
-        previous :meth:`perturb`/:meth:`restore` (m-SAM: one copy of ``w`` per step, not per group).
         """
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore()")
         params = self.params
         if len(grads) != len(params):
             raise ValueError(f"expected {len(params)} gradients, got {len(grads)}")
-        if self._backup is None or len(self._backup) != len(params):
-            self._backup = [torch.empty_like(p) for p in params]
-            self._backup_is_w = False
-        if not (reuse_backup and self._backup_is_w):
-            torch._foreach_copy_(self._backup, [p.detach() for p in params])
-        self._backup_is_w = True
         self._perturbed = True
-        live = [(p, g, group) for p, g, group in zip(params, grads, self._group_of_params()) if g is not None]
-        if live and any(group["rho"] != 0 for _, _, group in live):
-            ps, gs, groups = (list(x) for x in zip(*live))
-            torch._foreach_add_(ps, self.compute_perturbation(gs, ps, groups, inplace=inplace, grad_norm=grad_norm))
+        live = [(i, p, g, group) for i, (p, g, group) in enumerate(zip(params, grads, self._group_of_params()))
+                if g is not None]
+        if not live or all(group["rho"] == 0 for *_, group in live):
+            return  # rho = 0: the base optimizer's step, bit for bit
+        idx, ps, gs, groups = (list(x) for x in zip(*live))
+        shadows = self._shadows(params)
+        shadow = [shadows[i] for i in idx]
+        if not self.defaults["adaptive"] and all(g.dtype == p.dtype for g, p in zip(gs, ps)):
+            scales = perturbation_scales(gs, rho=[g["rho"] for g in groups], normalize=self.defaults["normalize"],
+                                         grad_norm=grad_norm)
+            for w, g, s, out in zip(ps, gs, scales, shadow):  # w + s·g in one pass, w untouched
+                torch.addcmul(w, g, s, out=out)
+        else:
+            for w, e, out in zip(ps, self.compute_perturbation(gs, ps, groups, inplace=inplace, grad_norm=grad_norm),
+                                 shadow):
+                torch.add(w, e, out=out)
+        self._home = [(p, p.data) for p in ps]
+        for p, out in zip(ps, shadow):
+            p.data = out
+
+    @torch.no_grad()
+    def ascent_buffers(self) -> list[torch.Tensor]:
+        """Zeroed buffers, one per parameter of :attr:`params`, to accumulate the ascent gradient
+        into (set them as ``.grad`` for the ascent backward): :meth:`perturb` then writes ``w + e``
+        over them in place, so an m-SAM step allocates no gradient memory per micro-batch.
+
+        Raises:
+            RuntimeError: while perturbed (the buffers hold the weights in use).
+        """
+        if self._perturbed:
+            raise RuntimeError("ascent_buffers() while perturbed: restore() first")
+        buffers = self._shadows(self.params)
+        torch._foreach_zero_(buffers)
+        return buffers
+
+    def _shadows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ``w + e`` buffers (also RW-SAM's workspace while unperturbed)."""
+        if self._shadow is None or len(self._shadow) != len(params) or any(
+                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device for s, p in zip(self._shadow, params)):
+            self._shadow = [torch.empty_like(p) for p in params]
+        return self._shadow
 
     def compute_perturbation(
         self, grads: list[torch.Tensor], params: list[torch.Tensor], groups: list[dict], *,
@@ -181,10 +214,11 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """``w <- copy``: undo :meth:`perturb` exactly (never by subtracting ``e``)."""
-        if self._perturbed:
-            torch._foreach_copy_(self.params, self._backup)
-            self._perturbed = False
+        """Back to ``w``: undo :meth:`perturb` exactly (``w``'s own storage swapped back, never ``- e``)."""
+        for p, home in self._home:
+            p.data = home
+        self._home = []
+        self._perturbed = False
 
     # -- the widely copied two-step API ------------------------------------------------------
     @torch.no_grad()
