@@ -115,12 +115,12 @@ def _tasks(cfg: FloorConfig, module: nn.Module, compiled: nn.Module | None, dtyp
     base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     autocast = (lambda x: torch.autocast(x.device.type, dtype=dtype)) if dtype else (lambda x: torch.autocast("cpu", enabled=False))
 
-    def floor(model, opt, m):
+    def floor(model, opt, m, passes=2):
         def run(x, y):
             opt.zero_grad(set_to_none=True)
             c = x.shape[0] // m
             for xj, yj in zip(x.split(m), y.split(m)):
-                for _ in range(2):  # the micro-batch's ascent and descent passes
+                for _ in range(passes):  # the floor: the micro-batch's ascent and descent passes
                     with autocast(x):
                         loss = loss_fn(model(xj), yj).mean() / c
                     loss.backward()
@@ -137,7 +137,8 @@ def _tasks(cfg: FloorConfig, module: nn.Module, compiled: nn.Module | None, dtyp
     for mode in cfg.modes:
         model, impl = runs[mode]
         if mode != "vmap":
-            tasks[(mode, "sgd", cfg.batch_size)] = floor(model, torch.optim.SGD(module.parameters(), **base), cfg.batch_size)
+            tasks[(mode, "sgd", cfg.batch_size)] = floor(model, torch.optim.SGD(module.parameters(), **base), cfg.batch_size,
+                                                         passes=1)
         for k in cfg.divisors:
             m = cfg.batch_size // k
             if mode != "vmap":
@@ -222,7 +223,8 @@ def summarize_floor(cfg: FloorConfig, raw: dict[str, Any]) -> list[dict[str, Any
                 rec["within_target"] = rec["ratio_to_floor"] <= TARGET
                 rec["floor_ratio_vs_sgd"] = statistics.median(floor) / statistics.median(sgd) if sgd else None
             if sgd:
-                rec.update(sgd_s=_stats(sgd), step_ratio_vs_sgd=statistics.median(step) / statistics.median(sgd))
+                rec.update(sgd_s=_stats(sgd), forwards_per_sgd=raw["forwards"].get((ref, "sgd", cfg.batch_size)),
+                           step_ratio_vs_sgd=statistics.median(step) / statistics.median(sgd))
             records.append(rec)
     return records
 

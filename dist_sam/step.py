@@ -196,8 +196,8 @@ def _vmap_micro(model, optimizer, loss_fn, inputs, targets, m, autocast) -> torc
     if ddp is not None and ddp.broadcast_buffers:
         collectives.broadcast_(list(unwrap(model).buffers()))
     grads, losses = batched_micro_grads(unwrap(model), optimizer, loss_fn, inputs, targets, m, autocast=autocast)
-    if ddp is not None:
-        collectives.all_reduce_mean_(grads)
+    if ddp is not None:  # one reduction per step over DDP's own group, as DDP makes it
+        collectives.all_reduce_mean_(grads, group=ddp.process_group)
     for p, g in zip(optimizer.params, grads):
         p.grad = g
     return losses.float().mean()

@@ -185,6 +185,7 @@ def test_msam_floor_quick(tmp_path):
         k = r["k"]
         if r["mode"] != "compiled":  # counted by a hook on the eager module
             assert r["forwards_per_floor"] == 2 * k, "the floor: 2 b/m passes at batch m"
+            assert r["forwards_per_sgd"] == 1, "SGD: one pass at batch b"
         # the sequential step runs as many forwards as its floor; the batched one runs two vmapped ones
         assert r["forwards_per_step"] == {"eager": 2 * k, "vmap": 2, "compiled": None}[r["mode"]]
         assert r["floor_of"] == ("eager" if r["mode"] == "vmap" else r["mode"])

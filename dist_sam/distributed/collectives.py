@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .env import discover
 
-__all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "barrier"]
+__all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "barrier",
+           "observe_all_reduces"]
+
+_observers: list[weakref.WeakMethod] = []  # bound methods called as (group, flat tensor) before each all-reduce
+
+
+def observe_all_reduces(method: Callable[[object, torch.Tensor], None]) -> None:
+    """Call ``method(group, flat)`` before each all-reduce made here (``group`` ``None``: the
+    default group); a bound method, held weakly (:class:`~dist_sam.distributed.ddp.CommCounter`)."""
+    _observers[:] = [w for w in _observers if w() is not None]
+    _observers.append(weakref.WeakMethod(method))
+
+
+def _all_reduce(flat: torch.Tensor, group) -> None:
+    for ref in list(_observers):
+        method = ref()
+        if method is not None:
+            method(group, flat)
+    dist.all_reduce(flat, group=group)
 
 
 def _initialized() -> bool:
@@ -49,11 +68,12 @@ def _flat_per_dtype(tensors: Sequence[torch.Tensor], collective) -> None:
             t.copy_(v.view_as(t))
 
 
-def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` in place across ranks: one collective per dtype, through a flat buffer."""
-    if world_size() == 1 or not tensors:
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Sum ``tensors`` in place across the ranks of ``group`` (default: all): one collective per
+    dtype, through a flat buffer. A given group is used even with one rank (as DDP does)."""
+    if not tensors or (group is None and world_size() == 1):
         return
-    _flat_per_dtype(tensors, dist.all_reduce)
+    _flat_per_dtype(tensors, lambda flat: _all_reduce(flat, group))
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
@@ -63,13 +83,14 @@ def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
     _flat_per_dtype(tensors, lambda flat: dist.broadcast(flat, src=src))
 
 
-def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place across ranks (one collective call)."""
-    n = world_size()
-    if n == 1 or not tensors:
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Average ``tensors`` in place across the ranks of ``group`` (default: all; one collective call)."""
+    if not tensors or (group is None and world_size() == 1):
         return
-    all_reduce_sum_(tensors)
-    torch._foreach_div_(list(tensors), float(n))
+    all_reduce_sum_(tensors, group)
+    n = world_size() if group is None else dist.get_world_size(group)
+    if n > 1:
+        torch._foreach_div_(list(tensors), float(n))
 
 
 def barrier() -> None:

@@ -17,6 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..compiled import is_compiled, strip_compiled
+from . import collectives
 
 __all__ = ["unwrap", "local_module", "ddp_of", "is_ddp", "check_model", "no_grad_sync", "CommCounter"]
 
@@ -109,10 +110,17 @@ class CommCounter:
             raise ValueError(f"CommCounter.attach needs a DistributedDataParallel model, got {type(model).__name__}")
         counter = cls()
         ddp.register_comm_hook(counter, _counting_allreduce_hook)
+        counter._group = ddp.process_group
+        collectives.observe_all_reduces(counter._observe)  # reductions made beside DDP (batched m-SAM)
         return counter
 
     def reset(self) -> None:
         self.calls, self.bytes = 0, 0
+
+    def _observe(self, group, flat: torch.Tensor) -> None:
+        if group is self._group:
+            self.calls += 1
+            self.bytes += flat.numel() * flat.element_size()
 
 
 def _counting_allreduce_hook(counter, bucket):
