@@ -7,6 +7,7 @@ says only what differs between DDP, FSDP2 and DeepSpeed:
 ``ascent_pass(sync)``       context around the ascent forward and backward (local: no sync)
 ``forward(x, last=...)``    the forward as this engine runs it
 ``ascent_gradients(obj)``   backward of the ascent objective; the gradients, kept out of ``.grad``
+``unscale_``, ``norm``      fp16 unscaling of those gradients; their global norm
 ``perturb(...)``            ``w <- w + e(g)`` wherever this engine keeps the weights it computes with
 ``descent_pass(last)``      context around the descent forward and backward (sync at the last group)
 ``backward(loss, last)``    the descent backward (the engine's reduction at the last group)
@@ -86,6 +87,10 @@ class StepEngine:
     def loss_context(self) -> dict[str, Any]:
         """Extra context for ``optimizer.ascent_loss`` (e.g. which tensors RW-SAM's estimators use)."""
         return {}
+
+    def unscale_(self, grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> None:
+        """Divide fp16-scaled ascent gradients by the loss scale, in place (before :meth:`norm`)."""
+        torch._foreach_mul_(list(grads), inv_scale)
 
     def norm(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """``||g||`` over every tensor this rank perturbs with (float32 or wider)."""
@@ -187,7 +192,7 @@ def sam_passes(
             params, g, losses = _ascent(engine, optimizer, loss_fn, x, y, sync_ascent, autocast, scale,
                                         dict(base_context, inputs=x, targets=y, group=group_offset + j))
             if inv_scale is not None:  # unscale before the norm (a fixed gradient is never scaled)
-                torch._foreach_mul_([t for t in g if t is not None], inv_scale)
+                engine.unscale_([t for t in g if t is not None], inv_scale)
         else:
             params, g = optimizer.params, fixed_grads
             with torch.no_grad(), engine.ascent_pass(False), autocast():  # the forward at w updates BN stats

@@ -346,33 +346,38 @@ def test_grad_scaler_gives_the_unscaled_step(ascent, extra):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
-def _grad_pointer_hooks(model, log):
-    """Per parameter, after each accumulation: (weights' storage, gradient's storage)."""
-    return [p.register_post_accumulate_grad_hook(lambda p, i=i: log.setdefault(i, []).append((p.data_ptr(), p.grad.data_ptr())))
-            for i, p in enumerate(model.parameters())]
+class _PointerSAM(SAM):
+    """Records, at each perturbation, where the ascent gradient and then the weights live."""
+
+    log: list
+
+    def perturb(self, grads, **kw):
+        before = [p.data_ptr() for p in self.params]
+        super().perturb(grads, **kw)
+        self.log.append(([g.data_ptr() for g in grads], before, [p.data_ptr() for p in self.params]))
 
 
-def test_msam_reuses_one_buffer_per_parameter_and_never_writes_w():
-    """Issue 14: no fresh gradient buffers per micro-batch and no copy of w. Each micro-batch's
-    ascent gradient accumulates into the same buffer, w + e is written over it and computed with,
-    and w's own storage is never written during the passes (lr = 0: the base step keeps w)."""
-    model = make_cnn(dtype=torch.float32)
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+@pytest.mark.parametrize("ascent", ["micro", "global"])
+def test_msam_reuses_one_buffer_per_parameter_and_never_writes_w(ascent):
+    """Issue 14: no fresh gradient buffers per micro-batch and no copy of w. Every micro-batch's
+    ascent gradient is taken into the same buffer, w + e is written over it and computed with,
+    and w's own storage is never written (lr = 0: the base step keeps w)."""
+    model = make_cnn(dtype=torch.float32) if ascent == "micro" else make_mlp(dtype=torch.float32)
+    opt = _PointerSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+    opt.log = []
     home = [p.data_ptr() for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
-    log: dict[int, list] = {}
-    hooks = _grad_pointer_hooks(model, log)
-    x, y = make_batch("cnn", 16, dtype=torch.float32)
+    x, y = make_batch("cnn" if ascent == "micro" else "mlp", 16, dtype=torch.float32)
     for _ in range(2):
-        sam_step(model, opt, CE, x, y, ascent="micro", micro_batch_size=4)
-    for h in hooks:
-        h.remove()
-    for i, events in log.items():
-        assert len(events) == 2 * 2 * 4  # 2 steps x (ascent + descent) x 4 micro-batches
-        ascent = [g for w, g in events if w == home[i]]  # passes at w: the ascents
-        descent_weights = {w for w, _ in events if w != home[i]}
-        assert len(ascent) == 8 and len(set(ascent)) == 1  # one ascent buffer for every micro-batch
-        assert descent_weights == set(ascent)  # w + e lives in that buffer: nothing else allocated
+        if ascent == "micro":
+            sam_step(model, opt, CE, x, y, ascent="micro", micro_batch_size=4)
+        else:  # the synchronized ascent's path: accumulated through .grad (one process here)
+            sam_step(model, opt, CE, x, y, ascent="global", accumulation_steps=4)
+    assert len(opt.log) == 2 * 4
+    grads, at, weights = (set(map(tuple, col)) for col in zip(*opt.log))
+    assert at == {tuple(home)}  # every ascent ran at w's own storage
+    assert len(grads) == 1 and grads == weights  # one buffer per parameter, and w + e lives in it
+    assert grads.isdisjoint({tuple(home)})
     assert [p.data_ptr() for p in model.parameters()] == home  # w's storage is the parameter again
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

@@ -7,6 +7,7 @@ DeepSpeed builds its own engine (:mod:`dist_sam.deepspeed`); every engine drives
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -29,31 +30,66 @@ def _swap_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) ->
 class DDPEngine(StepEngine):
     """A DDP-wrapped or plain module: ``no_sync()`` makes a pass local; ``w`` is swapped back exactly.
 
-    The ascent backward accumulates into ``.grad`` under ``no_sync()`` (so DDP's reducer sees a
-    local pass, ``gradient_as_bucket_view`` included): into the optimizer's zeroed
-    :meth:`~dist_sam.SAM.ascent_buffers`, swapped in and out of ``.grad`` around it, leaving the
-    descent gradients accumulated so far in place. The same buffers then receive ``w + e``: no
-    gradient memory is allocated per micro-batch (fresh buffers made the CPU allocator return
-    and re-fault ~P bytes per micro-batch, the bulk of m-SAM's overhead at small m).
+    The ascent gradient lands in the optimizer's :meth:`~dist_sam.SAM.ascent_buffers`, which then
+    receive ``w + e``: no gradient memory is allocated per micro-batch (fresh buffers made the CPU
+    allocator return and re-fault ~P bytes per micro-batch, the bulk of m-SAM's overhead at small
+    m). A local ascent runs ``torch.autograd.grad`` (no ``.grad`` is touched, DDP's reducer never
+    fires) with a hook per parameter that copies its gradient into its buffer and takes its norm
+    while the gradient is fresh in cache. A synchronized ascent (``global``) accumulates into the
+    zeroed buffers through ``.grad`` under DDP's reducer, swapped out of ``.grad`` right after,
+    leaving the descent gradients accumulated so far in place.
     """
 
     def __init__(self, model: nn.Module) -> None:
         check_model(model)
         super().__init__(model, local_module(model))  # compiled if the user compiled it (dist_sam.compiled)
+        self._sync = False
+        self._norms: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None  # (grads, their norms)
 
     def ascent_pass(self, sync: bool) -> contextlib.AbstractContextManager:
+        self._sync = sync
         return no_grad_sync(self.model, enabled=not sync)
 
     def ascent_gradients(self, objective: torch.Tensor, optimizer) -> AscentGrads:
         params = optimizer.params
-        stash = _swap_grads(params, optimizer.ascent_buffers())  # descent gradients accumulated so far
-        objective.backward()
-        return params, _swap_grads(params, stash)
+        if self._sync:
+            stash = _swap_grads(params, optimizer.ascent_buffers())  # descent gradients accumulated so far
+            objective.backward()
+            return params, _swap_grads(params, stash)
+        buffers = optimizer.ascent_buffers(zero=False)
+        norms: list[torch.Tensor | None] = [None] * len(params)
+
+        def capture(i: int, grad: torch.Tensor) -> torch.Tensor:
+            norms[i] = torch.linalg.vector_norm(grad, dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+            return buffers[i].copy_(grad)
+
+        hooks = [p.register_hook(functools.partial(capture, i)) for i, p in enumerate(params)]
+        try:
+            grads = list(torch.autograd.grad(objective, params, allow_unused=True))
+        finally:
+            for h in hooks:
+                h.remove()
+        self._norms = ([g for g in grads if g is not None], [n for n in norms if n is not None])
+        return params, grads
+
+    def unscale_(self, grads, inv_scale) -> None:
+        super().unscale_(grads, inv_scale)
+        if self._norms is not None:
+            self._norms = (self._norms[0], [n * inv_scale.to(n.dtype) for n in self._norms[1]])
+
+    def norm(self, grads) -> torch.Tensor:
+        cached, self._norms = self._norms, None
+        if cached is None or len(cached[0]) != len(grads) or len(cached[1]) != len(grads) or any(
+                a is not b for a, b in zip(cached[0], grads)):
+            return super().norm(grads)
+        norms = cached[1]
+        if not norms:
+            return torch.zeros(())
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, dtype) for n in norms]))
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
         return no_grad_sync(self.model, enabled=not last)
-
-
 
 
 def is_fsdp(model: nn.Module) -> bool:

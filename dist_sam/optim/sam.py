@@ -165,10 +165,11 @@ class SAM(torch.optim.Optimizer):
             p.data = out
 
     @torch.no_grad()
-    def ascent_buffers(self) -> list[torch.Tensor]:
-        """Zeroed buffers, one per parameter of :attr:`params`, to accumulate the ascent gradient
-        into (set them as ``.grad`` for the ascent backward): :meth:`perturb` then writes ``w + e``
-        over them in place, so an m-SAM step allocates no gradient memory per micro-batch.
+    def ascent_buffers(self, zero: bool = True) -> list[torch.Tensor]:
+        """Buffers, one per parameter of :attr:`params`, to take the ascent gradient into (zeroed,
+        as ``.grad`` for the ascent backward to accumulate into; or written by the caller with
+        ``zero=False``): :meth:`perturb` then writes ``w + e`` over them in place, so an m-SAM
+        step allocates no gradient memory per micro-batch.
 
         Raises:
             RuntimeError: while perturbed (the buffers hold the weights in use).
@@ -176,7 +177,8 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed:
             raise RuntimeError("ascent_buffers() while perturbed: restore() first")
         buffers = self._shadows(self.params)
-        torch._foreach_zero_(buffers)
+        if zero:
+            torch._foreach_zero_(buffers)
         return buffers
 
     def _shadows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
