@@ -6,7 +6,7 @@ gradient scalers and checkpointing treat it like the base optimizer. The two-pas
     loss_fn(model(x), y).mean().backward()   # ascent gradient g at w
     opt.first_step(zero_grad=True)           # w <- w + e(g), w itself kept aside untouched
     loss_fn(model(x), y).mean().backward()   # descent gradient h at w + e
-    opt.second_step(zero_grad=True)          # w <- copy; base.step() with h
+    opt.second_step(zero_grad=True)          # w swapped back; base.step() with h
 
 or ``opt.step(closure)`` with a closure doing forward and backward. Data-parallel training, m-SAM
 and mixed precision go through :func:`dist_sam.sam_step`, which drives the same object.
