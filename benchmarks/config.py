@@ -113,11 +113,18 @@ class Variant:
     m: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
     micro_impl: str = "loop"
+    compiled: bool = False  # ``<name>+compiled``: on a torch.compile'd twin of the model, same run
 
 
 def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Variant:
     """``sgd``, ``sam-local``, ``sam-global``, ``usam``, ``asam``, ``msam-b[/k]``, ``rwsam-<estimator>``;
-    ``msam-b[/k]-vmap`` is m-SAM with ``micro_impl="vmap"`` (batched, ``dist_sam.optim.batched``)."""
+    ``msam-b[/k]-vmap`` is m-SAM with ``micro_impl="vmap"`` (batched, ``dist_sam.optim.batched``);
+    ``<name>+compiled`` is that variant on a ``torch.compile``'d twin of the model in the same run
+    (compiled against eager, interleaved; not with ``compile: true``, which compiles every variant)."""
+    if name.endswith("+compiled"):
+        if cfg.compile:
+            raise ValueError(f"variant {name!r}: '+compiled' runs beside eager variants; with compile: true every variant is compiled")
+        return dataclasses.replace(parse_variant(name[:-len("+compiled")], b, world_size, cfg), name=name, compiled=True)
     sam = (("rho", cfg.rho),)
     if name == "sgd":
         return Variant(name, None)

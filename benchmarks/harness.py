@@ -119,8 +119,10 @@ def make_step(variant: Variant, model: nn.Module, cfg: BenchConfig) -> tuple[Cal
 def compile_model(module: nn.Module, cfg: BenchConfig) -> nn.Module:
     """``torch.compile(module, mode=cfg.compile_mode, backend=cfg.compile_backend)`` when
     ``cfg.compile``, static shapes, with room in dynamo's cache for every m; else ``module``."""
-    if not cfg.compile:
-        return module
+    return _compile(module, cfg) if cfg.compile else module
+
+
+def _compile(module: nn.Module, cfg: BenchConfig) -> nn.Module:
     import torch._dynamo
 
     for key in ("recompile_limit", "cache_size_limit"):  # one graph set per micro-batch size
@@ -151,17 +153,24 @@ def _setup(cfg: BenchConfig, rank: int, ddp: bool) -> tuple[nn.Module, nn.Module
     """The model (seeded), its DDP wrapper and comm counter when ``ddp``, and two fixed synthetic batches."""
     device = cfg.torch_device
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    module = _build_model(cfg).to(device)
-    model: nn.Module = compile_model(module, cfg)
-    counter = None
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        counter = CommCounter.attach(model)
+    module, model, counter = _model(cfg, ddp, compiled=cfg.compile)
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device, memory_format=fmt),
                 torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(device)) for _ in range(2)]
     return module, model, counter, batches
+
+
+def _model(cfg: BenchConfig, ddp: bool, *, compiled: bool) -> tuple[nn.Module, nn.Module, CommCounter | None]:
+    """The module (seeded: every call builds the same weights), what steps run (compiled, DDP), its counter."""
+    device = cfg.torch_device
+    torch.manual_seed(0)
+    module = _build_model(cfg).to(device)
+    model: nn.Module = _compile(module, cfg) if compiled else module
+    counter = None
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        counter = CommCounter.attach(model)
+    return module, model, counter
 
 
 def _prime(model: nn.Module, batches: list, cfg: BenchConfig) -> None:
@@ -203,30 +212,38 @@ def measure(cfg: BenchConfig, *, rank: int = 0, world_size: int = 1, ddp: bool =
     device = cfg.torch_device
     module, model, counter, batches = _setup(cfg, rank, ddp)
     names, skipped = available_variants(cfg.variants)
-    steps = {n: make_step(parse_variant(n, cfg.batch_size, world_size, cfg), model, cfg) for n in names}
+    variants = {n: parse_variant(n, cfg.batch_size, world_size, cfg) for n in names}
+    # ``+compiled`` variants step a compiled twin (same weights) in the same interleaved rounds
+    twin = _model(cfg, ddp, compiled=True) if any(v.compiled for v in variants.values()) else None
+    models = {n: twin if v.compiled else (module, model, counter) for n, v in variants.items()}
+    steps = {n: make_step(v, models[n][1], cfg) for n, v in variants.items()}
+    compiled = [n for n in names if cfg.compile or variants[n].compiled]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     probe = PeakMemory(device)
     out = {n: dict(times=[], calls=[], bytes=[], peak_memory_bytes=None, finite=True) for n in names}
 
     def run(n: str, i: int, timed: bool) -> None:
-        _one_step(steps[n][0], batches[i % 2], counter, sync, out[n] if timed else None)
+        _one_step(steps[n][0], batches[i % 2], models[n][2], sync, out[n] if timed else None)
 
     _prime(model, batches, cfg)
+    if twin is not None:
+        _prime(twin[1], batches, cfg)
     # Compiled: RW-SAM last_layer first, since registering its hook drops dynamo's graphs once
     # (dist_sam.compiled); then a second warm-up pass, so no timed step compiles.
-    order = sorted(names, key=lambda n: "last_layer" not in n) if cfg.compile else names
+    order = sorted(names, key=lambda n: "last_layer" not in n) if compiled else names
     for n in order:  # warm-up; the first step of each variant also allocates its optimizer state
         out[n]["peak_memory_bytes"] = probe.measure(lambda: run(n, 0, False))
         for i in range(1, cfg.warmup):
             run(n, i, False)
-    for n in order if cfg.compile else ():
+    for n in (n for n in order if n in compiled):
         run(n, 1, False)
     rounds = math.ceil(cfg.steps / cfg.steps_per_round)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             for i in range(cfg.steps_per_round):
                 run(n, i, True)
-    out = {n: dict(v, finite=v["finite"] and all(bool(torch.isfinite(p).all()) for p in module.parameters())) for n, v in out.items()}
+    out = {n: dict(v, finite=v["finite"] and all(bool(torch.isfinite(p).all()) for p in models[n][0].parameters()))
+           for n, v in out.items()}
     return dict(variants=out, skipped=skipped, memory_method=probe.method,
                 param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()))
 

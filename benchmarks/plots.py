@@ -47,6 +47,12 @@ def markdown_table(result: dict) -> str:
         lines += ["", "### Targets (SPEC.md §5)", "", "| check | world size | target | measured | paired | met |", "|---|---|---|---|---|---|"]
         lines += [f"| {c['check']} | {c['world_size']} | {c['target']} | {_fmt(c['value'], '.3f')} | {_fmt(c.get('value_paired'), '.3f')} | {_fmt(c['ok'])} |"
                   for c in result["checks"]]
+    pairs = [r for r in result["records"] if "compiled_vs_eager" in r]
+    if pairs:
+        lines += ["", "### Compiled against eager (the same variant, same run)", "",
+                  "| variant | world size | compiled / eager | paired |", "|---|---|---|---|"]
+        lines += [f"| {r['variant'][:-len('+compiled')]} | {r['world_size']} | {r['compiled_vs_eager']:.2f} "
+                  f"| {r['compiled_vs_eager_paired']:.2f} |" for r in pairs]
     if result["scaling"]:
         lines += ["", "### Scaling efficiency (img/s at n / (n x img/s at 1))", "", "| variant | world size | efficiency |", "|---|---|---|"]
         lines += [f"| {s['variant']} | {s['world_size']} | {s['efficiency']:.2f} |" for s in result["scaling"]]
@@ -73,7 +79,7 @@ def _throughput_vs_m(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4))
     for n in sorted({r["world_size"] for r in result["records"]}):
         at = [r for r in result["records"] if r["world_size"] == n]
-        micro = sorted((r["m"], r["img_per_s"]) for r in at if r["variant"].startswith("msam-"))
+        micro = sorted((r["m"], r["img_per_s"]) for r in at if r["variant"].startswith("msam-") and "+" not in r["variant"])
         if micro:
             line, = ax.plot(*zip(*micro), "o-", label=f"m-SAM, world size {n}")
             for r in at:

@@ -58,6 +58,10 @@ def summarize(cfg: BenchConfig, world_size: int, ranks: list[dict]) -> list[dict
         r["step_time_ratio_vs_sgd_paired"] = _paired_ratio(times_of[r["variant"]], times_of["sgd"], cfg.steps_per_round)
         r["allreduce_bytes_ratio_vs_sgd"] = (r["allreduce_bytes_per_step"] / sgd["allreduce_bytes_per_step"]
                                              if sgd["allreduce_bytes_per_step"] else None)
+        eager = r["variant"][:-len("+compiled")] if r["variant"].endswith("+compiled") else None
+        if eager in times_of:  # compiled against eager, the same variant in the same rounds
+            r["compiled_vs_eager"] = r["step_time_s"]["median"] / statistics.median(times_of[eager])
+            r["compiled_vs_eager_paired"] = _paired_ratio(times_of[r["variant"]], times_of[eager], cfg.steps_per_round)
     return records
 
 

@@ -83,6 +83,28 @@ def test_bench_ddp_ratios_from_a_sweep(sweep):
     assert ratios["sam-local/sgd bytes"] == 1 and ratios["sam-global/sgd bytes"] == 2
 
 
+@pytest.mark.slow
+def test_compiled_twin_runs_beside_eager_in_one_run():
+    """``<variant>+compiled`` steps a torch.compile'd twin of the model in the same interleaved
+    rounds (DDP, its own counter): compiled/eager comes from one run, communication as SGD's."""
+    cfg = config.BenchConfig(name="twin", model="small_cnn", image_size=16, batch_size=8, world_sizes=(1,), threads=1,
+                             variants=("sgd", "sam-local", "sam-local+compiled", "msam-b/2+compiled"), warmup=1, steps=2,
+                             steps_per_round=1, quick=True, compile_backend="eager", timeout_s=300)
+    records = {r["variant"]: r for r in report.summarize(cfg, 1, harness.run_world(cfg, 1))}
+    assert list(records) == list(cfg.variants)
+    assert _number(records["sam-local+compiled"]["compiled_vs_eager"])
+    assert _number(records["sam-local+compiled"]["compiled_vs_eager_paired"])
+    assert "compiled_vs_eager" not in records["msam-b/2+compiled"]  # no eager msam-b/2 in this run
+    sgd = records["sgd"]
+    for name in ("sam-local+compiled", "msam-b/2+compiled"):
+        r = records[name]
+        assert r["finite"] is True and r["step_time_s"]["n"] == 2
+        assert (r["allreduce_calls_per_step"], r["allreduce_bytes_per_step"]) == (sgd["allreduce_calls_per_step"], sgd["allreduce_bytes_per_step"])
+    assert config.parse_variant("msam-b/2+compiled", 8, 1, cfg).micro_batch_size == 4
+    with pytest.raises(ValueError, match="compile: true"):
+        config.BenchConfig(variants=("sgd", "sam-local+compiled"), compile=True)
+
+
 def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         config.BenchConfig(steps=5)
