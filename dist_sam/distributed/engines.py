@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core import AscentGrads, StepEngine
+from ..optim.rules import global_norm
 from .ddp import check_model, local_module, no_grad_sync
 
 __all__ = ["engine_for", "is_fsdp", "DDPEngine"]
@@ -82,11 +83,7 @@ class DDPEngine(StepEngine):
         if cached is None or len(cached[0]) != len(grads) or len(cached[1]) != len(grads) or any(
                 a is not b for a, b in zip(cached[0], grads)):
             return super().norm(grads)
-        norms = cached[1]
-        if not norms:
-            return torch.zeros(())
-        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, dtype) for n in norms]))
+        return global_norm(cached[1])  # the norm of the per-tensor norms
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
         return no_grad_sync(self.model, enabled=not last)
