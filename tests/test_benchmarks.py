@@ -229,7 +229,7 @@ def test_floor_config_and_vmap_variant_validation():
     assert config.parse_variant("msam-b/4", 32, 1, config.BenchConfig()).micro_impl == "loop"
 
 
-# -- the study's named grids (benchmarks/study_grid.py) -----------------------------------------
+# -- the study's named grids (benchmarks/study/grid.py) -----------------------------------------
 def _grid_quick(tmp_path, name: str, yaml_text: str | None = None) -> dict:
     args = ["--grid", name, "--quick", "--out", str(tmp_path)]
     if yaml_text is not None:
@@ -242,7 +242,7 @@ def _grid_quick(tmp_path, name: str, yaml_text: str | None = None) -> dict:
 
 def _check_paired(result: dict) -> None:
     """The paired differences, recomputed from the per-seed runs (same seed, same baseline settings)."""
-    from benchmarks.study_task import AXIS_USERS
+    from benchmarks.study.task import AXIS_USERS
 
     assert result["paired"]
     for d in result["paired"]:
@@ -260,8 +260,8 @@ def _check_paired(result: dict) -> None:
 
 @pytest.mark.parametrize("name", ["noise", "lam", "estimator", "m", "asam"])
 def test_study_grid_quick(tmp_path, name):
-    from benchmarks.study_grid import cells, load_grid
-    from benchmarks.study_task import AXIS_USERS
+    from benchmarks.study.grid import cells, load_grid
+    from benchmarks.study.task import AXIS_USERS
 
     result = _grid_quick(tmp_path, name)
     grid = load_grid(name, quick=True)
@@ -302,7 +302,7 @@ def test_study_grid_pairs_by_seed(tmp_path):
 
 
 def test_study_grid_validation(tmp_path):
-    from benchmarks.study_grid import GridConfig, load_grid
+    from benchmarks.study.grid import GridConfig, load_grid
 
     with pytest.raises(ValueError, match=r"unknown grid 'bogus'; accepted: \['asam', 'estimator', 'lam', 'm', 'noise'\]"):
         load_grid("bogus")
@@ -324,7 +324,7 @@ def test_study_grid_validation(tmp_path):
 
 
 def test_study_task_split_and_shifts():
-    from benchmarks.study_task import _shift, load_task_data
+    from benchmarks.study.task import _shift, load_task_data
 
     data = load_task_data(300, 0.4)
     assert data["x_train"].shape == (300, 3, 8, 8) and data["x_test"].shape == (1497, 3, 8, 8)

@@ -1,6 +1,6 @@
-"""Tables and figures of a study grid's JSON (``benchmarks.study_grid``).
+"""Tables and figures of a study grid's JSON (``benchmarks.study.grid``).
 
-    python -m benchmarks.study_plots benchmarks/results/study_noise.json   # rewrite its .md and .png
+    python -m benchmarks.study.plots benchmarks/results/study_noise.json   # rewrite its .md and .png
 
 Figures: accuracy against noise per variant (``noise``, ``asam``), against ``lam`` per
 normalization with SAM's band (``lam``), accuracy and cost against ``m`` (``m``), accuracy and the
@@ -15,7 +15,7 @@ import os
 import sys
 import textwrap
 
-from .plots import _pyplot
+from ..plots import _pyplot
 
 __all__ = ["grid_markdown", "grid_figure", "main"]
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     """Rewrite the markdown and figure of a study grid's JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m benchmarks.study_plots RESULTS.json", file=sys.stderr)
+        print("usage: python -m benchmarks.study.plots RESULTS.json", file=sys.stderr)
         return 2
     with open(argv[0]) as fh:
         result = json.load(fh)

@@ -2,8 +2,8 @@
 
     python -m benchmarks.study            # 5 seeds x 7 variants x {0%, 40%} label noise, <= 30 min on 2 cores
     python -m benchmarks.study --quick    # the same grid, 2 seeds and a 1-epoch schedule (<= 3 min)
-    python -m benchmarks.study --grid noise [--quick]   # a named grid: noise, lam, estimator, m, asam
-                                          # (benchmarks/study_grid.py, configs/study_grids.yaml)
+    python -m benchmarks.study --grid noise [--quick]   # a named grid: noise, lam, estimator, m, asam, cost
+                                          # (benchmarks/study/grid.py, benchmarks/study/grids.yaml)
 
 Data: the demo dataset of ``dist-sam make-demo-data`` (scikit-learn's 1,797 handwritten digits),
 loaded in memory at its 8x8 source resolution instead of decoded from JPEGs: the same fixed split
@@ -34,14 +34,12 @@ the labels it was trained on. Results: ``<out>/<name>.json``, ``<name>.md``, ``<
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
@@ -50,10 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["StudyConfig", "VARIANTS", "load_digits_split", "train_one", "run_study", "main"]
+__all__ = ["SCHEMA", "RESULTS_DIR", "QUICK", "StudyConfig", "VARIANTS", "load_digits_split", "train_one", "run_study"]
 
 SCHEMA = "dist-sam-study/1"
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 NUM_WORKERS_SIMULATED = 4  # virtual data-parallel workers; per-worker batch = batch_size / 4
 
 #: name -> (optimizer, ascent, micro-batch size: "b" per-worker batch, "m" small_m, None), mapping
@@ -220,7 +218,7 @@ def run_study(cfg: StudyConfig, out_dir: str) -> dict[str, Any]:
     """Run the whole grid on ``cfg.workers`` processes; write JSON, markdown and the figure."""
     import platform
 
-    from . import plots
+    from .. import plots
 
     started = time.time()
     load = list(os.getloadavg())
@@ -273,45 +271,3 @@ def run_study(cfg: StudyConfig, out_dir: str) -> dict[str, Any]:
 
 
 QUICK = dict(name="study_quick", seeds=2, epochs=1, nsam_epochs=1, trace_samples=256, max_steps_per_epoch=8, quick=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks.study``: the m-sharpness study, or a named grid with ``--grid``."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.study", description="The m-sharpness accuracy study on the digits demo data.")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs: a smoke run (<= 3 minutes)")
-    p.add_argument("--out", default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--nsam-epochs", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="processes (1 thread each); default 2")
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of {list(VARIANTS)}")
-    p.add_argument("--name", default=None)
-    p.add_argument("--grid", default=None, help="run a named grid (noise, lam, estimator, m, asam) instead, "
-                   "sequentially on 1 thread; --seeds and --quick apply")
-    p.add_argument("--grid-config", default=None, help="the grids' YAML (default benchmarks/configs/study_grids.yaml)")
-    args = p.parse_args(argv)
-    if args.grid is not None:
-        from .study_grid import grid_main
-
-        return grid_main(args.grid, args.grid_config, quick=args.quick, seeds=args.seeds, out=args.out)
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for key in ("seeds", "epochs", "nsam_epochs", "workers", "name"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.variants:
-        values["variants"] = tuple(args.variants.split(","))
-    try:
-        cfg = StudyConfig(**values)
-    except ValueError as err:
-        print(f"benchmarks.study: {err}", file=sys.stderr)
-        return 2
-    result = run_study(cfg, args.out)
-    from .plots import study_markdown
-
-    print(study_markdown(result))
-    print("wrote " + ", ".join(result["files"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

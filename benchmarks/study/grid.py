@@ -1,14 +1,14 @@
 """Named grids of the accuracy study: the paper's Tables 4, 5, 7 and 9 in miniature, on CPU.
 
-    python -m benchmarks.study --grid noise          # or lam, estimator, m, asam (benchmarks/configs/study_grids.yaml)
+    python -m benchmarks.study --grid noise          # or lam, estimator, m, asam (benchmarks/study/grids.yaml)
     python -m benchmarks.study --grid noise --quick  # the grid's smoke run (what the tests run)
 
 Each grid is a set of variants and axes (``noise``, ``lam``, ``normalization``, ``estimator``,
-``m``); an axis applies to the variants it changes (``benchmarks.study_task.AXIS_USERS``), so SAM
+``m``); an axis applies to the variants it changes (``benchmarks.study.task.AXIS_USERS``), so SAM
 runs once per noise level however many ``lam`` values RW-SAM tries. Every cell runs the same
 seeds: seed ``s`` gives every variant the same initial weights, batch order and augmentation, so
 "RW minus its SAM" (``pairs``) is a paired difference per seed. Runs are sequential, in this
-process, on one torch thread. The task is ``benchmarks.study_task`` (few-shot digits).
+process, on one torch thread. The task is ``benchmarks.study.task`` (few-shot digits).
 Results: ``<out>/study_<grid>.json`` (rewritten after every run), ``.md`` and ``.png``.
 """
 
@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from .study_task import AXIS_USERS, VARIANTS, Task, resolve_m, train_run
+from .task import AXIS_USERS, VARIANTS, Task, resolve_m, train_run
 
 __all__ = ["GRIDS_FILE", "GridConfig", "load_grid", "cells", "summarize", "paired_differences", "run_grid", "grid_main"]
 
 SCHEMA = "dist-sam-study-grid/1"
-GRIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study_grids.yaml")
+GRIDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids.yaml")
 _TASK_KEYS = tuple(f.name for f in dataclasses.fields(Task))
 _NORMALIZATIONS, _ESTIMATORS = ("zscore", "mean", "none"), ("fd", "exact", "last_layer")
 
@@ -50,16 +50,16 @@ def _check_value(key: str, value: Any, b: int) -> None:
 
 @dataclasses.dataclass(kw_only=True)
 class GridConfig:
-    """One named grid (``benchmarks/configs/study_grids.yaml``).
+    """One named grid (``benchmarks/study/grids.yaml``).
 
     Attributes:
         name: the grid's name; outputs are ``study_<name>.*`` (``study_<name>_quick.*`` in quick mode).
         description: what the grid asks, for the report.
-        variants: names in ``benchmarks.study_task.VARIANTS``.
+        variants: names in ``benchmarks.study.task.VARIANTS``.
         axes: ``{axis: [values]}``; axes in ``AXIS_USERS``.
         pairs: ``[[rw_variant, baseline]]``: paired differences reported per cell of ``rw_variant``.
         seeds: seeds per cell (>= 2: a std needs two).
-        task: the fixed settings (``benchmarks.study_task.Task`` fields).
+        task: the fixed settings (``benchmarks.study.task.Task`` fields).
         quick: a smoke run (marked in the results).
     """
 
@@ -208,7 +208,7 @@ def paired_differences(grid: GridConfig, runs: list[dict]) -> list[dict]:
 
 
 def _result(grid: GridConfig, runs: list[dict], started: float, load: list[float], complete: bool) -> dict[str, Any]:
-    from .study_task import __doc__ as task_doc
+    from .task import __doc__ as task_doc
 
     notes = []
     if grid.quick:
@@ -228,7 +228,7 @@ def _result(grid: GridConfig, runs: list[dict], started: float, load: list[float
 
 def run_grid(grid: GridConfig, out_dir: str, *, figures: bool = True, log=print) -> dict[str, Any]:
     """Run every (cell, seed) in turn; the JSON is rewritten after each run (``complete: false`` until the end)."""
-    from . import study_plots
+    from . import plots as study_plots
 
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, grid.stem)
@@ -260,7 +260,7 @@ def grid_main(name: str, path: str | None, *, quick: bool, seeds: int | None, ou
     """``python -m benchmarks.study --grid NAME``: run the grid, print its table; 2 on a bad grid."""
     import sys
 
-    from .study_plots import grid_markdown
+    from .plots import grid_markdown
 
     try:
         grid = load_grid(name, path, quick=quick, seeds=seeds)
