@@ -24,7 +24,7 @@ demo: venv
 	$(PY) -m dist_sam.cli demo
 
 bench: venv
-	$(PY) -m benchmarks.run --config benchmarks/configs/cpu.yaml
+	$(PY) -m benchmarks.throughput --config benchmarks/throughput/configs/cpu.yaml
 
 study: venv
 	$(PY) -m benchmarks.study

@@ -1,7 +1,13 @@
-"""dist-sam benchmarks: timing and accuracy scripts, run by hand or by `make bench` / `make study`.
+"""dist-sam benchmarks, one package per thing a user runs; tests never time anything, these do.
 
-``run`` is the sweep's entry point (``dist-sam bench``) over ``config`` (settings, variant names),
-``harness`` (the timing loop, the processes) and ``report`` (summaries, checks, files); ``study``
-the m-sharpness accuracy study, ``bench_ddp`` a preset of the sweep, ``gpu_check`` the lent-GPU
-check. Tests never time anything; these scripts do. See ``benchmarks/README.md``.
+=====================  ==============================================================================
+``throughput/``        ``make bench``: step time, img/s, all-reduce bytes and memory per variant; the
+                       m-SAM floor, the FSDP2, DDP, RW-SAM and data-loader benches (``configs/``)
+``study/``             ``make study``: accuracy studies on the digits task and their named grids
+``gpu/``               ``benchmarks/gpu_check.sh``: every CUDA path in one run on a lent GPU
+``common/``            what they share: spawned ranks, interleaved timing, JSON and figure output
+``results/``           the measured JSON, markdown and PNG files the READMEs quote
+=====================  ==============================================================================
+
+See ``benchmarks/README.md``.
 """

@@ -4,7 +4,7 @@ Subcommands:
     make-demo-data DIR ...   write the built-in digits dataset (or synthetic JPEGs)
     train ...                the training entry point (same as ``python launch/train.py``)
     demo                     2-process torchrun training on the built-in data
-    bench ...                the benchmark harness (``python -m benchmarks.run``)
+    bench ...                the benchmark harness (``python -m benchmarks.throughput``)
     export-checkpoint D OUT  a checkpoint's weights (DDP or FSDP2) as one plain state dict
 """
 
@@ -20,7 +20,7 @@ _COMMANDS = {
     "make-demo-data": "dist_sam.data.demo:main",
     "train": "dist_sam.train.cli:main",
     "demo": "dist_sam.train.demo:main",
-    "bench": "benchmarks.run:main",
+    "bench": "benchmarks.throughput.run:main",
     "export-checkpoint": "dist_sam.train.export:main",
 }
 

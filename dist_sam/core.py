@@ -25,17 +25,21 @@ communication.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from typing import Any, Callable, Sequence
+import weakref
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .bn import frozen_running_stats
+from .compiled import LayerCapture
+from .optim.estimators import capture_layer
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
-__all__ = ["StepEngine", "AscentGrads", "sam_passes", "plain_passes", "per_sample_losses", "LossFn"]
+__all__ = ["StepEngine", "WrappedModel", "AscentGrads", "sam_passes", "plain_passes", "per_sample_losses", "LossFn"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``(params, grads)``: the tensors the perturbation is computed on and added to, and ``g``.
@@ -57,18 +61,52 @@ def per_sample_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Ten
     return losses
 
 
+@dataclasses.dataclass(frozen=True)
+class WrappedModel:
+    """The model a step was given, resolved once by its engine (``dist_sam.distributed.wrapped.resolve``).
+
+    Nothing below the engine unwraps a model: the loop, the optimizers and RW-SAM's estimators take
+    the module they need from here.
+
+    Attributes:
+        model: what the user passed; its forward may communicate (DDP, a DeepSpeed engine).
+        module: a forward without communication, compiled if the user compiled the module.
+        eager: the user's module, inside every data-parallel and ``torch.compile`` wrapper
+            (``torch.func`` transforms and layer lookups run on it).
+        compiled: ``torch.compile`` wraps the module or the whole model.
+        ddp: the ``DistributedDataParallel`` wrapper, or ``None``.
+    """
+
+    model: nn.Module
+    module: nn.Module
+    eager: nn.Module
+    compiled: bool = False
+    ddp: Any = None
+
+
 class StepEngine:
     """How one engine runs the passes of a SAM step; subclasses override what differs.
 
     The defaults are those of a plain (single-process) module.
 
     Attributes:
-        module: the user's module (RW-SAM's estimators and BatchNorm freezing look at it).
+        model, module, eager, compiled: the :class:`WrappedModel` the engine resolved.
     """
 
-    def __init__(self, model: nn.Module, module: nn.Module | None = None) -> None:
-        self.model = model
-        self.module = module if module is not None else model
+    def __init__(self, wrapped: WrappedModel) -> None:
+        self.wrapped = wrapped
+        self.model, self.module, self.eager, self.compiled = wrapped.model, wrapped.module, wrapped.eager, wrapped.compiled
+
+    def capture(self, layer: nn.Module) -> contextlib.AbstractContextManager[Callable[[], tuple | None]]:
+        """Context in which ``layer``'s forward is recorded; yields ``take()``, which returns the
+        latest ``(input, output, layer)`` (detached) and forgets it.
+
+        Eager: a forward hook for the duration. Compiled: one hook registered once and kept
+        (dynamo does not guard on hooks, :class:`dist_sam.compiled.LayerCapture`).
+        """
+        if self.compiled:
+            return _kept_capture(layer)
+        return capture_layer(layer)
 
     def ascent_pass(self, sync: bool) -> contextlib.AbstractContextManager:
         """Context around the ascent forward and backward: no gradient sync unless ``sync``."""
@@ -138,6 +176,17 @@ class StepEngine:
         optimizer.zero_grad(set_to_none=True)
 
 
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, LayerCapture]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _kept_capture(layer: nn.Module) -> Iterator[Callable[[], tuple | None]]:
+    capture = _KEPT.setdefault(layer, LayerCapture())
+    capture.attach(layer)
+    capture.value = None
+    yield capture.take
+
+
 def sam_passes(
     engine: StepEngine,
     optimizer: SAM,
@@ -181,7 +230,7 @@ def sam_passes(
     """
     inv_scale = None if scale is None else 1.0 / scale(torch.ones((), device=inputs.device))
     scale = scale or (lambda t: t)
-    base_context = dict(model=engine.model, module=engine.module, loss_fn=loss_fn, autocast=autocast,
+    base_context = dict(model=engine.model, module=engine.module, eager=engine.eager, loss_fn=loss_fn, autocast=autocast,
                         step=optimizer.num_steps, **engine.loss_context(), **(context or {}))
     losses_at_w = []
     for j, (x, y) in enumerate(zip(inputs.chunk(num_groups), targets.chunk(num_groups))):
@@ -219,7 +268,7 @@ def sam_passes(
 
 def _ascent(engine, optimizer, loss_fn, x, y, sync, autocast, scale, context):
     """This group's ascent gradient at ``w`` (kept out of ``.grad``) and its per-sample losses."""
-    with engine.ascent_pass(sync), optimizer.ascent_context(engine.module):
+    with engine.ascent_pass(sync), optimizer.ascent_context(engine.eager, capture=engine.capture):
         with autocast():
             outputs = engine.forward(x, ascent=True, last=False)
             losses = per_sample_losses(loss_fn, outputs, y, x.shape[0])

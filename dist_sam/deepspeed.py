@@ -181,15 +181,6 @@ def initialize(args: Any = None, model: nn.Module | None = None, *, config: dict
     return SAMEngine(engine, sam, loss_fn or nn.CrossEntropyLoss(reduction="none")), optimizer, loader, scheduler
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 class SAMEngine:
     """A DeepSpeed engine that takes SAM steps: :meth:`train_step`; every other attribute is the engine's.
 
@@ -288,7 +279,7 @@ class SAMEngine:
         """``engine.save_checkpoint`` with SAM's state (step counter, RW-SAM's ``mu``) in the client state."""
         state = dict(client_state or {})
         # DeepSpeed writes the client state from rank 0 only; RW-SAM's mu="auto" is calibrated per rank
-        state[CLIENT_STATE_KEY] = {"per_rank": _gather_objects(self.sam.state_dict())}
+        state[CLIENT_STATE_KEY] = {"per_rank": collectives.all_gather_objects(self.sam.state_dict())}
         return self.engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any):

@@ -31,9 +31,7 @@ from torch import nn
 from .bn import frozen_running_stats
 from .core import LossFn, per_sample_losses, plain_passes, sam_passes
 from .distributed import collectives
-from .compiled import is_compiled
-from .distributed.engines import engine_for, is_fsdp
-from .distributed.ddp import ddp_of, local_module, unwrap
+from .distributed.engines import DDPEngine, engine_for
 from .optim.batched import MICRO_IMPLS, batched_micro_grads, check_batchable
 from .optim.sam import SAM
 
@@ -80,14 +78,13 @@ def _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation
     return b // m
 
 
-def full_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor],
+def full_gradient(module: nn.Module, loss_fn: LossFn, data: Iterable, params: list[torch.Tensor],
                   autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Mean gradient of the per-sample loss over every sample of ``data``, across all ranks (n-SAM).
 
-    Runs on the unwrapped module with BatchNorm running statistics frozen; one all-reduce of the
-    summed gradients and the sample count at the end.
+    Runs on ``module``, a forward without communication (the engine's ``module``), with BatchNorm
+    running statistics frozen; one all-reduce of the summed gradients and the sample count at the end.
     """
-    module = local_module(model)
     wide = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     total = [torch.zeros_like(p, dtype=wide) for p in params]
     count = torch.zeros((), dtype=wide, device=params[0].device)
@@ -155,17 +152,17 @@ def sam_step(
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
     engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
     engine.check(optimizer)
-    _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn)
+    _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
                          accumulation_steps=accumulation_steps, autocast_dtype=autocast_dtype)
     autocast = _autocast(inputs, autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
     if micro_impl == "vmap":
-        loss = _vmap_micro(model, optimizer, loss_fn, inputs, targets, micro_batch_size, autocast)
+        loss = _vmap_micro(engine, optimizer, loss_fn, inputs, targets, micro_batch_size, autocast)
         engine.finish(optimizer, clip_grad_norm, scaler)
         return loss
-    fixed = full_gradient(model, loss_fn, ascent_data, optimizer.params, autocast) if ascent == "full" else None
+    fixed = full_gradient(engine.module, loss_fn, ascent_data, optimizer.params, autocast) if ascent == "full" else None
     loss = sam_passes(engine, optimizer, loss_fn, inputs, targets, num_groups, sync_ascent=ascent == "global",
                       autocast=autocast, scale=scaler.scale if scaler is not None else None, fixed_grads=fixed,
                       freeze_bn=freeze_bn, context=dict(rank=collectives.rank()))
@@ -173,29 +170,29 @@ def sam_step(
     return loss
 
 
-def _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn) -> None:
+def _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn) -> None:
     if micro_impl not in MICRO_IMPLS:
         raise ValueError(f"micro_impl must be one of {MICRO_IMPLS}, got {micro_impl!r}")
     if micro_impl == "loop":
         return
     if ascent != "micro":
         raise ValueError(f"micro_impl='vmap' batches the micro-batches of ascent='micro', got ascent={ascent!r}")
-    if is_fsdp(model):
+    if not isinstance(engine, DDPEngine):
         raise ValueError("micro_impl='vmap' runs on plain and DDP models; an FSDP2 model needs micro_impl='loop'")
-    check_batchable(unwrap(model), optimizer, scaler=scaler, freeze_bn=freeze_bn)
-    if is_compiled(model) or is_compiled(local_module(model)):
+    check_batchable(engine.eager, optimizer, scaler=scaler, freeze_bn=freeze_bn)
+    if engine.compiled:
         warnings.warn("micro_impl='vmap' runs the eager module: torch.func transforms over a compiled module are "
                       "not supported from eager code", stacklevel=3)
 
 
-def _vmap_micro(model, optimizer, loss_fn, inputs, targets, m, autocast) -> torch.Tensor:
+def _vmap_micro(engine, optimizer, loss_fn, inputs, targets, m, autocast) -> torch.Tensor:
     """Batched m-SAM (:mod:`dist_sam.optim.batched`). Under DDP: first rank 0's buffers, as the loop's
     first forward takes them (DDP broadcasts after a synchronized forward), then one all-reduce of
     the gradients; the ranks' BatchNorm statistics then differ as the loop leaves them."""
-    ddp = ddp_of(model)
+    ddp = engine.wrapped.ddp
     if ddp is not None and ddp.broadcast_buffers:
-        collectives.broadcast_(list(unwrap(model).buffers()))
-    grads, losses = batched_micro_grads(unwrap(model), optimizer, loss_fn, inputs, targets, m, autocast=autocast)
+        collectives.broadcast_(list(engine.eager.buffers()))
+    grads, losses = batched_micro_grads(engine.eager, optimizer, loss_fn, inputs, targets, m, autocast=autocast)
     if ddp is not None:  # one reduction per step over DDP's own group, as DDP makes it
         collectives.all_reduce_mean_(grads, group=ddp.process_group)
     for p, g in zip(optimizer.params, grads):

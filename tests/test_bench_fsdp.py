@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quick_fsdp_benchmark_writes_json_and_plot(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_fsdp", "--quick", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.throughput.fsdp", "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "fsdp_quick.json").read_text())
@@ -36,7 +36,7 @@ def test_quick_fsdp_benchmark_writes_json_and_plot(tmp_path):
 def test_gpu_check_fsdp_section_dry_run_on_cpu(tmp_path):
     """The GPU check's FSDP2 section runs the same code on CPU (gloo): bf16 parameters with float32
     BatchNorm units, and lean gives the resident mode's weights (same arithmetic)."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks.fsdp", "--dry-run", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu.fsdp", "--dry-run", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "fsdp_gpu_check.json").read_text())

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_ddp, config, floor, gpu_check, harness, report, run, study
+from benchmarks import study
+from benchmarks.gpu import check as gpu_check
+from benchmarks.throughput import config, floor, harness, report, run
+from benchmarks.throughput import ddp as bench_ddp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(ROOT, "benchmarks", "configs", "quick.yaml")
+QUICK = os.path.join(ROOT, "benchmarks", "throughput", "configs", "quick.yaml")
 RECORD_FIELDS = {
     "variant", "world_size", "optimizer", "ascent", "m", "micro_batch_size", "batch_per_worker", "global_batch",
     "step_time_s", "img_per_s", "allreduce_calls_per_step", "allreduce_bytes_per_step", "peak_memory_mb", "finite",
@@ -121,7 +124,7 @@ def test_config_validation(tmp_path):
 
 
 def test_run_keeps_its_public_names():
-    # other scripts and users import the sweep's names from ``benchmarks.run``, where they all used to live
+    # other scripts and users import the sweep's names from ``benchmarks.throughput.run``, where they all live
     for name in run.__all__:
         assert hasattr(run, name), name
     assert run.BenchConfig is config.BenchConfig is harness.BenchConfig and run.summarize is report.summarize
@@ -197,7 +200,7 @@ def test_gpu_check_budget_skips_sections(tmp_path):
 
 @pytest.mark.slow
 def test_msam_floor_quick(tmp_path):
-    assert floor.main(["--config", os.path.join(ROOT, "benchmarks", "configs", "msam_floor_quick.yaml"), "--out", str(tmp_path)]) == 0
+    assert floor.main(["--config", os.path.join(ROOT, "benchmarks", "throughput", "configs", "msam_floor_quick.yaml"), "--out", str(tmp_path)]) == 0
     with open(tmp_path / "msam_floor_quick.json") as fh:
         result = json.load(fh)
     assert result["schema"] == floor.SCHEMA and result["finite"] is True and result["target"] == 1.15

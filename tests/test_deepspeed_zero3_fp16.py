@@ -3,7 +3,7 @@
 One spawn runs every check. DeepSpeed's CPU accelerator reports fp16 unsupported unless the CPU has
 AVX512-FP16 (``torch.ops.mkldnn._is_mkldnn_fp16_supported``), so the workers declare it supported:
 the fp16 engines then run for real on the CPU (fp16 parameters and DeepSpeed's own fp16 optimizers
-and loss scalers); only the device differs from a GPU (benchmarks/gpu_checks/deepspeed_fp16.py).
+and loss scalers); only the device differs from a GPU (benchmarks/gpu/deepspeed_fp16.py).
 
 * ZeRO-3, device-local ascent: two steps equal a float64 re-derivation of DDP local SAM and RW-SAM
   (``last_layer``, ``exact``) on the same per-rank batches, with persistent parameters, with
@@ -412,7 +412,7 @@ def test_other_deepspeed_versions_are_refused(monkeypatch):
 
 
 def test_gpu_check_dry_run_world_size_1(tmp_path):
-    """benchmarks/gpu_checks/deepspeed_fp16.py on CPU. World size 1 also covers ZeRO-3 gathered data
+    """benchmarks/gpu/deepspeed_fp16.py on CPU. World size 1 also covers ZeRO-3 gathered data
     that aliases the shard: an inf ascent would leave NaN in the weights if e were added in place."""
     import json
     import subprocess
@@ -420,7 +420,7 @@ def test_gpu_check_dry_run_world_size_1(tmp_path):
 
     from test_train_run import REPO, worker_env
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_checks.deepspeed_fp16", "--dry-run", "--out",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu.deepspeed_fp16", "--dry-run", "--out",
                            str(tmp_path)], cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "deepspeed_fp16_gpu_check.json").read_text())

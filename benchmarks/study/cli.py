@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.study: {err}", file=sys.stderr)
         return 2
     result = run_study(cfg, args.out)
-    from ..plots import study_markdown
+    from .plain_plots import study_markdown
 
     print(study_markdown(result))
     print("wrote " + ", ".join(result["files"]))

@@ -218,7 +218,7 @@ def run_study(cfg: StudyConfig, out_dir: str) -> dict[str, Any]:
     """Run the whole grid on ``cfg.workers`` processes; write JSON, markdown and the figure."""
     import platform
 
-    from .. import plots
+    from . import plain_plots as plots
 
     started = time.time()
     load = list(os.getloadavg())

@@ -15,7 +15,7 @@ import os
 import sys
 import textwrap
 
-from ..plots import _pyplot
+from ..common.output import pyplot as _pyplot
 
 __all__ = ["grid_markdown", "grid_figure", "main"]
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..bn import frozen_running_stats
 from ..distributed.collectives import all_reduce_sum_
-from ..distributed.ddp import unwrap
-from .per_sample import _squared_norms, iter_batches, named_trainable, per_sample_grad_chunks, samples_coupled
+from ..distributed.wrapped import resolve
+from ..optim.per_sample import iter_batches, named_trainable, per_sample_grad_chunks, samples_coupled, squared_norms
 
 __all__ = ["HessianTrace", "sgn_covariance_trace", "hessian_trace"]
 
@@ -67,7 +67,7 @@ def sgn_covariance_trace(
     Returns:
         The trace, a Python float.
     """
-    module = unwrap(model)
+    module = resolve(model).eager
     named = named_trainable(module, params)
     device = next(iter(named.values())).device
     sum_sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -75,7 +75,7 @@ def sgn_covariance_trace(
     sum_g = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named.items()}
     for x, y in iter_batches(data):
         for samples, grads in per_sample_grad_chunks(module, loss_fn, x, y, named, chunk_size=chunk_size):
-            sum_sq += _squared_norms(grads).double().sum()
+            sum_sq += squared_norms(grads).double().sum()
             count += samples.stop - samples.start
             for n, g in grads.items():
                 sum_g[n] += g.double().sum(0)
@@ -146,7 +146,7 @@ def hessian_trace(
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
-    module = unwrap(model)
+    module = resolve(model).eager
     params_list = list(named_trainable(module, params).values())
     split = chunk_size is not None and not samples_coupled(module)
     totals = torch.zeros(num_probes + 1, dtype=torch.float64, device=params_list[0].device)  # sums, count

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from .env import discover
 
 __all__ = ["world_size", "rank", "is_primary", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "barrier",
-           "observe_all_reduces"]
+           "all_gather_objects", "observe_all_reduces"]
 
 _observers: list[weakref.WeakMethod] = []  # bound methods called as (group, flat tensor) before each all-reduce
 
@@ -97,3 +97,12 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world_size() > 1:
         dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if not _initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

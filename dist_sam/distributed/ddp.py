@@ -16,16 +16,16 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..compiled import is_compiled, strip_compiled
+from ..core import WrappedModel
 from . import collectives
+from .wrapped import resolve
 
-__all__ = ["unwrap", "local_module", "ddp_of", "is_ddp", "check_model", "no_grad_sync", "CommCounter"]
+__all__ = ["unwrap", "local_module", "ddp_of", "is_ddp", "check_model", "check_wrapped", "no_grad_sync", "CommCounter"]
 
 
 def ddp_of(model: nn.Module) -> DDP | None:
     """The DDP wrapper of ``model`` (also inside ``torch.compile(DDP(...))``), or ``None``."""
-    model = strip_compiled(model)
-    return model if isinstance(model, DDP) else None
+    return resolve(model).ddp
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -35,32 +35,29 @@ def is_ddp(model: nn.Module) -> bool:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's eager module inside every DDP and ``torch.compile`` wrapper (or the model itself)."""
-    model = strip_compiled(model)
-    return strip_compiled(model.module if isinstance(model, DDP) else model)
+    return resolve(model).eager
 
 
 def local_module(model: nn.Module) -> nn.Module:
-    """What to run a forward on without any communication, compiled if the user compiled it.
-
-    ``DDP(torch.compile(m))`` and ``torch.compile(m)`` give the compiled module; a plain module,
-    ``DDP(m)`` and ``torch.compile(DDP(m))`` give ``m`` (eager: the only compiled callable of the
-    last one is the DDP wrapper, see :mod:`dist_sam.compiled`).
-    """
-    ddp = ddp_of(model)
-    if ddp is None:
-        return model
-    return ddp.module
+    """What to run a forward on without any communication, compiled if the user compiled it
+    (:mod:`dist_sam.distributed.wrapped`)."""
+    return resolve(model).module
 
 
 def check_model(model: nn.Module) -> None:
+    """:func:`check_wrapped` of ``model``."""
+    check_wrapped(resolve(model))
+
+
+def check_wrapped(wrapped: WrappedModel) -> None:
     """Refuse DDP configurations under which a local ascent pass is wrong.
 
     Raises:
         ValueError: ``static_graph=True``. DDP asserts when the first iteration runs under
             ``no_sync()``, and gradients taken otherwise are silently wrong under a static graph.
     """
-    ddp = ddp_of(model)
-    if ddp is not None and is_compiled(model) and not getattr(model, "_dist_sam_warned", False):
+    ddp, model = wrapped.ddp, wrapped.model
+    if ddp is not None and model is not ddp and not getattr(model, "_dist_sam_warned", False):  # compile(DDP(m))
         model._dist_sam_warned = True
         warnings.warn(
             "torch.compile(DDP(model)) is exact with sam_step but compiles nothing here: dynamo skips DDP's "
@@ -74,13 +71,13 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def no_grad_sync(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
+def no_grad_sync(model: nn.Module | WrappedModel, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Context in which forward *and* backward accumulate gradients locally, without all-reduce.
 
     Wrap both: a DDP forward outside ``no_sync()`` already prepares the reducer for a
     synchronized backward. ``torch.compile(DDP(m))`` is seen through: its DDP's ``no_sync()``.
     """
-    ddp = ddp_of(model) if enabled else None
+    ddp = (model if isinstance(model, WrappedModel) else resolve(model)).ddp if enabled else None
     if ddp is not None:
         return ddp.no_sync()
     return contextlib.nullcontext()

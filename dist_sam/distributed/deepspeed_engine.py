@@ -17,12 +17,14 @@ goes through the engine:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
 
 from ..core import AscentGrads, StepEngine
 from . import collectives, ds_fp16
+from .wrapped import resolve
 from .zero3 import Zero3Perturbation
 
 __all__ = ["DeepSpeedStepEngine"]
@@ -37,7 +39,7 @@ class DeepSpeedStepEngine(StepEngine):
     """
 
     def __init__(self, engine: Any, params: list[torch.Tensor], config: Any = None) -> None:
-        super().__init__(engine, engine.module)
+        super().__init__(dataclasses.replace(resolve(engine.module), model=engine))  # engine(x) reduces
         self.engine, self.params = engine, params
         self._accumulated: list[torch.Tensor | None] = [None] * len(params)
         self._sync_ascent = False

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import AscentGrads, StepEngine
-from ..optim.rules import global_norm
-from .ddp import check_model, local_module, no_grad_sync
+from ..core import AscentGrads, StepEngine, WrappedModel
+from .ddp import check_wrapped, no_grad_sync
+from .wrapped import is_fsdp, resolve
 
 __all__ = ["engine_for", "is_fsdp", "DDPEngine"]
 
@@ -41,15 +41,15 @@ class DDPEngine(StepEngine):
     leaving the descent gradients accumulated so far in place.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        check_model(model)
-        super().__init__(model, local_module(model))  # compiled if the user compiled it (dist_sam.compiled)
+    def __init__(self, wrapped: WrappedModel) -> None:
+        check_wrapped(wrapped)
+        super().__init__(wrapped)
         self._sync = False
         self._norms: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None  # (grads, their norms)
 
     def ascent_pass(self, sync: bool) -> contextlib.AbstractContextManager:
         self._sync = sync
-        return no_grad_sync(self.model, enabled=not sync)
+        return no_grad_sync(self.wrapped, enabled=not sync)
 
     def ascent_gradients(self, objective: torch.Tensor, optimizer) -> AscentGrads:
         params = optimizer.params
@@ -83,19 +83,10 @@ class DDPEngine(StepEngine):
         if cached is None or len(cached[0]) != len(grads) or len(cached[1]) != len(grads) or any(
                 a is not b for a, b in zip(cached[0], grads)):
             return super().norm(grads)
-        return global_norm(cached[1])  # the norm of the per-tensor norms
+        return super().norm(cached[1])  # the norm of the per-tensor norms
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
-        return no_grad_sync(self.model, enabled=not last)
-
-
-def is_fsdp(model: nn.Module) -> bool:
-    """True if ``model`` or any submodule was sharded with ``torch.distributed.fsdp.fully_shard``."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+        return no_grad_sync(self.wrapped, enabled=not last)
 
 
 def engine_for(model: nn.Module, *, scaler: Any = None, ascent: str = "local", **options: Any) -> StepEngine:
@@ -111,4 +102,4 @@ def engine_for(model: nn.Module, *, scaler: Any = None, ascent: str = "local", *
         return FSDPEngine.for_model(model, scaler=scaler, ascent=ascent, **options)
     if options:
         raise ValueError(f"{sorted(options)} apply to FSDP2 models only; {type(model).__name__} is not sharded")
-    return DDPEngine(model)
+    return DDPEngine(resolve(model))

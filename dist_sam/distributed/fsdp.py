@@ -40,6 +40,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..core import AscentGrads, StepEngine
+from .wrapped import resolve
 
 __all__ = ["FSDPEngine", "FSDP_MEMORY"]
 
@@ -64,7 +65,7 @@ class FSDPEngine(StepEngine):
                              "after its submodules")
         if memory not in FSDP_MEMORY:
             raise ValueError(f"fsdp_memory must be one of {FSDP_MEMORY}, got {memory!r}")
-        super().__init__(model, model)
+        super().__init__(resolve(model))
         self.memory = memory
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for unit in self.units:

@@ -3,7 +3,8 @@
 from .registry import BASE_OPTIMIZERS, create_optimizer, list_optimizers, register_optimizer
 from .rules import EPS_NORM, global_norm, perturbation
 from .rwsam import RWSAM, gibbs_weights
-from .sam import ASAM, SAM, USAM
+from .sam import SAM
+from .variants import ASAM, USAM
 
 __all__ = [
     "SAM",

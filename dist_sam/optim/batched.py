@@ -32,7 +32,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..bn import frozen_running_stats
-from ..compiled import strip_compiled
 from .rules import EPS_NORM
 from .sam import SAM
 
@@ -153,7 +152,7 @@ def batched_micro_grads(
     """The m-SAM step's descent gradient ``(1/c) Σ_j h_j`` and the per-sample losses at ``w``.
 
     Args:
-        model: the user's module (DDP already unwrapped by the caller; a compiled one is unwrapped).
+        model: the user's eager module (the engine's ``eager``: no DDP or ``torch.compile`` wrapper).
         optimizer: a SAM, USAM or ASAM (:func:`check_batchable`); only its rule and groups are used.
         loss_fn: per-sample losses, shape ``(m,)`` per micro-batch.
         inputs: the batch, ``b`` samples, ``b`` a multiple of ``micro_batch_size``.
@@ -166,7 +165,7 @@ def batched_micro_grads(
         ascent norm is non-finite, so the caller's finite check skips the step), and the ``b``
         ascent losses ``f_i(w)``. BatchNorm running statistics end as the loop leaves them.
     """
-    module = strip_compiled(model)
+    module = model
     named = _named(module, optimizer)
     c = inputs.shape[0] // micro_batch_size
     xs, ys = inputs.unflatten(0, (c, micro_batch_size)), targets.unflatten(0, (c, micro_batch_size))

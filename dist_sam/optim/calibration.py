@@ -18,7 +18,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..diagnostics.per_sample import _squared_norms, has_dropout, per_sample_grad_chunks, samples_coupled
+from .per_sample import has_dropout, per_sample_grad_chunks, samples_coupled, squared_norms
 from .estimators import fd_norms, rademacher_directions, replay_rng
 
 __all__ = ["MU_CANDIDATES", "MuCalibration", "calibrate_mu"]
@@ -57,7 +57,7 @@ def _exact_projections(module, loss_fn, x, y, params, directions, rng_state, chu
     proj, norms_sq = None, None
     with torch.no_grad(), replay_rng(rng_state), torch.autocast(x.device.type, enabled=False):
         for sl, grads in per_sample_grad_chunks(module, loss_fn, x, y, params, chunk_size=chunk_size, coupled=coupled):
-            sq = _squared_norms(grads)
+            sq = squared_norms(grads)
             if proj is None:
                 proj = torch.zeros(len(directions), b, dtype=sq.dtype, device=sq.device)
                 norms_sq = torch.zeros(b, dtype=sq.dtype, device=sq.device)

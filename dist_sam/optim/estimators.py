@@ -23,12 +23,14 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..bn import frozen_running_stats
-from ..diagnostics.per_sample import _squared_norms, has_dropout, per_sample_grad_chunks, samples_coupled
+from .per_sample import has_dropout, per_sample_grad_chunks, samples_coupled, squared_norms
 
 __all__ = [
     "direction_seed",
     "rademacher_directions",
     "capture_rng",
+    "capture_layer",
+    "final_linear",
     "replay_rng",
     "fd_norms",
     "exact_norms",
@@ -93,6 +95,49 @@ def capture_rng(devices: Sequence[torch.device] = ()) -> tuple:
     """The CPU RNG state and the CUDA states of ``devices``: replaying it reproduces dropout masks."""
     cuda = {d.index or 0: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
     return torch.get_rng_state(), cuda
+
+
+def final_linear(module: nn.Module, last_layer: str | nn.Module | None) -> nn.Linear:
+    """The ``nn.Linear`` producing the logits: ``last_layer`` (a submodule or its name), else the last one."""
+    if last_layer is None:
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"estimator='last_layer' needs a final nn.Linear producing the logits, and "
+                             f"{type(module).__name__} has none; name one with last_layer=... or use estimator='fd'")
+        return linears[-1]
+    if isinstance(last_layer, nn.Module):
+        layer = last_layer
+        if not any(m is layer for m in module.modules()):
+            raise ValueError("last_layer is not a submodule of the model")
+    else:
+        try:
+            layer = module.get_submodule(last_layer)
+        except AttributeError:
+            raise ValueError(f"last_layer={last_layer!r} names no submodule of {type(module).__name__}") from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"last_layer must be an nn.Linear (the closed form is for a linear layer), "
+                         f"got {type(layer).__name__}")
+    return layer
+
+
+@contextlib.contextmanager
+def capture_layer(layer: nn.Module) -> Iterator[Callable[[], tuple | None]]:
+    """Record ``layer``'s forwards while inside; yields ``take()``: the latest ``(input, output, layer)``
+    (detached), then forgotten. ``last_layer``'s closed form reads the final layer's input from it."""
+    seen: list[tuple | None] = [None]
+
+    def hook(mod, inputs, output):
+        seen[0] = (inputs[0].detach(), output.detach(), mod)
+
+    def take() -> tuple | None:
+        value, seen[0] = seen[0], None
+        return value
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield take
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -198,7 +243,7 @@ def exact_norms(
     coupled = samples_coupled(module) or (rng_state is not None and has_dropout(module))
     with torch.no_grad(), replay_rng(rng_state):
         chunks = per_sample_grad_chunks(module, loss_fn, x, y, params, chunk_size=chunk_size, coupled=coupled)
-        return torch.cat([_squared_norms(g).sqrt() for _, g in chunks])
+        return torch.cat([squared_norms(g).sqrt() for _, g in chunks])
 
 
 def last_layer_norms(

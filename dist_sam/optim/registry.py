@@ -6,7 +6,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .sam import ASAM, SAM, USAM
+from .sam import SAM
+from .variants import ASAM, USAM
 
 __all__ = ["create_optimizer", "list_optimizers", "register_optimizer", "BASE_OPTIMIZERS"]
 

@@ -1,8 +1,9 @@
-"""Perturbation rules of the SAM family (SPEC.md §1), as pure functions.
+"""Perturbation rules of the SAM family (SPEC.md §1) and RW-SAM's weights (§3), as pure functions.
 
-Each rule maps the ascent gradient ``g`` (and, for ASAM, the weights ``w``) to the perturbation
-``e`` that is added to ``w`` before the descent pass. Nothing here touches parameters in place,
-talks to other processes, or knows about optimizers.
+Each perturbation rule maps the ascent gradient ``g`` (and, for ASAM, the weights ``w``) to the
+perturbation ``e`` that is added to ``w`` before the descent pass; :func:`gibbs_weights` maps
+RW-SAM's per-sample estimates to the ascent loss's weights. Nothing here touches parameters in
+place, talks to other processes, or knows about optimizers.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["EPS_NORM", "global_norm", "perturbation", "perturbation_scales"]
+__all__ = ["EPS_NORM", "NORMALIZATIONS", "global_norm", "perturbation", "perturbation_scales", "gibbs_weights"]
 
 #: Floor added to a norm before dividing by it (SPEC.md notation ``eps_norm``).
 EPS_NORM = 1e-12
 
 PerParam = Union[float, Sequence[float]]
+
+#: RW-SAM's normalizations of the estimates before the softmax (SPEC.md §3, step 3).
+NORMALIZATIONS = ("zscore", "mean", "none")
+_EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -130,3 +135,29 @@ def perturbation_scales(
             cache[key] = (r * inv).to(g.device)
         out.append(cache[key])
     return out
+
+
+def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
+    """RW-SAM's weights ``a_i = b·softmax(lam·z)_i`` (mean 1) from the estimates ``s`` (SPEC.md §3).
+
+    Args:
+        s: per-sample gradient-norm estimates, shape ``(b,)``.
+        lam: the temperature ``lam >= 0``.
+        normalization: ``zscore`` (``(s − mean) / (std + 1e-12)``, Bessel's ``std``), ``mean``
+            (``s / (mean + 1e-12)``) or ``none``.
+
+    Returns:
+        ``a``, shape ``(b,)``, summing to ``b``; float32 (float64 for float64 ``s``).
+    """
+    s = s.detach().double() if s.dtype == torch.float64 else s.detach().float()
+    if normalization == "zscore":
+        z = (s - s.mean()) / (s.std() + _EPS) if s.numel() > 1 else torch.zeros_like(s)
+    elif normalization == "mean":
+        z = s / (s.mean() + _EPS)
+    elif normalization == "none":
+        z = s
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    t = lam * z
+    e = (t - t.max()).exp()  # max-shift: exp never overflows
+    return s.numel() * e / e.sum()

@@ -22,56 +22,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..compiled import LayerCapture, is_compiled, strip_compiled
 from .calibration import calibrate_mu
-from .estimators import capture_rng, direction_seed, exact_norms, fd_norms, last_layer_norms
+from .estimators import (capture_layer, capture_rng, direction_seed, exact_norms, fd_norms, final_linear,
+                         last_layer_norms)
 from .registry import register_optimizer
+from .rules import NORMALIZATIONS, gibbs_weights
 from .sam import SAM
 
 __all__ = ["RWSAM", "gibbs_weights", "ESTIMATORS", "NORMALIZATIONS"]
 
 ESTIMATORS = ("fd", "exact", "last_layer")
-NORMALIZATIONS = ("zscore", "mean", "none")
-_EPS = 1e-12  # floor of the normalizations' denominators (SPEC.md §3, step 3)
 logger = logging.getLogger("dist_sam")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a data-parallel wrapper (DDP, a DeepSpeed engine), by its ``module``."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def _current_rank() -> int:
-    from ..distributed.collectives import rank  # only for by-hand use: sam_step passes the rank
-
-    return rank()
-
-
-def gibbs_weights(s: torch.Tensor, lam: float, normalization: str = "zscore") -> torch.Tensor:
-    """RW-SAM's weights ``a_i = b·softmax(lam·z)_i`` (mean 1) from the estimates ``s`` (SPEC.md §3).
-
-    Args:
-        s: per-sample gradient-norm estimates, shape ``(b,)``.
-        lam: the temperature ``lam >= 0``.
-        normalization: ``zscore`` (``(s − mean) / (std + 1e-12)``, Bessel's ``std``), ``mean``
-            (``s / (mean + 1e-12)``) or ``none``.
-
-    Returns:
-        ``a``, shape ``(b,)``, summing to ``b``; float32 (float64 for float64 ``s``).
-    """
-    s = s.detach().double() if s.dtype == torch.float64 else s.detach().float()
-    if normalization == "zscore":
-        z = (s - s.mean()) / (s.std() + _EPS) if s.numel() > 1 else torch.zeros_like(s)
-    elif normalization == "mean":
-        z = s / (s.mean() + _EPS)
-    elif normalization == "none":
-        z = s
-    else:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    t = lam * z
-    e = (t - t.max()).exp()  # max-shift: exp never overflows
-    return s.numel() * e / e.sum()
 
 
 def _validate(lam, estimator, mu, num_directions, normalization, last_layer, seed) -> None:
@@ -143,10 +104,9 @@ class RWSAM(SAM):
         self.calibration = None  # the MuCalibration of mu="auto", once it ran
         self.last_estimates: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
-        self._captured: tuple | None = None  # (features, logits, layer) from the final Linear
+        self._take = None  # last_layer: the capture of the final Linear's forward (engine.capture)
         self._rng_state: tuple | None = None  # RNG before the ascent forward (dropout masks)
         self._layer_checked = False
-        self._capture = LayerCapture()  # last_layer on a compiled model: one hook, kept
         self._warned_eager = False
         #: Ascent groups per rank and step, set by a trainer that orders data by global sample index
         #: (``launch/train.py``); ``None``: directions are seeded per (rank, group).
@@ -157,9 +117,15 @@ class RWSAM(SAM):
 
     # -- hooks called by sam_step --------------------------------------------------------------
     @contextlib.contextmanager
-    def ascent_context(self, model: nn.Module) -> Iterator[None]:
+    def ascent_context(self, module: nn.Module, *, capture=None) -> Iterator[None]:
         """Around the ascent forward: capture the final layer's input (``last_layer``) or the RNG
-        state (``fd``, ``exact``: the estimator's forwards replay the ascent's dropout masks)."""
+        state (``fd``, ``exact``: the estimator's forwards replay the ascent's dropout masks).
+
+        Args:
+            module: the user's module (``sam_step`` passes its engine's eager module).
+            capture: how to record the final layer's forward; ``sam_step`` passes its engine's
+                (one kept hook on a compiled model); by hand, a forward hook for the duration.
+        """
         if self.lam == 0:
             yield
             return
@@ -167,21 +133,9 @@ class RWSAM(SAM):
             self._rng_state = capture_rng(sorted({p.device for p in self.params if p.device.type == "cuda"}, key=str))
             yield
             return
-        layer = self._final_linear(strip_compiled(_unwrap(strip_compiled(model))))
-        if is_compiled(model) or is_compiled(_unwrap(model)):  # dynamo does not guard on hooks
-            self._capture.attach(layer)
-            self._captured = self._capture.value = None
+        with (capture or capture_layer)(final_linear(module, self.last_layer)) as take:
+            self._take = take
             yield
-            return
-
-        def hook(mod, inputs, output):
-            self._captured = (inputs[0].detach(), output.detach(), mod)
-
-        handle = layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
 
 
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
@@ -209,7 +163,7 @@ class RWSAM(SAM):
             return self._last_layer_estimate(losses, context)
         rng_state, self._rng_state = self._rng_state, None  # this forward's, never a stale one
         module, loss_fn, x, y = self._require(context)
-        eager = strip_compiled(module)  # torch.func.grad cannot run over a compiled module (dist_sam.compiled)
+        eager = context.get("eager", module)  # torch.func.grad cannot run over a compiled module (dist_sam.compiled)
         if context.get("named_params") is not None:  # a sharded engine's unsharded copies of the parameters
             named = named_eager = context["named_params"]()
         else:
@@ -234,8 +188,7 @@ class RWSAM(SAM):
         """``rank * c + group`` when :attr:`groups_per_rank` is ``c``, else ``None``."""
         if self.groups_per_rank is None:
             return None
-        rank = context.get("rank", None)
-        return (_current_rank() if rank is None else rank) * self.groups_per_rank + context.get("group", 0)
+        return self._rank(context) * self.groups_per_rank + context.get("group", 0)
 
     def _direction_seed(self, context: dict) -> int:
         """Directions per ``(rank, group)``, or per global group ``rank * c + group`` when
@@ -244,8 +197,14 @@ class RWSAM(SAM):
         step = context.get("step", self.num_steps)
         if self.groups_per_rank is not None:
             return direction_seed(self.seed, step, self._global_group(context), 0)
-        rank = context.get("rank", None)
-        return direction_seed(self.seed, step, _current_rank() if rank is None else rank, context.get("group", 0))
+        return direction_seed(self.seed, step, self._rank(context), context.get("group", 0))
+
+    @staticmethod
+    def _rank(context: dict) -> int:
+        if context.get("rank") is None:  # the algorithm never asks torch.distributed: the caller knows the rank
+            raise ValueError("RWSAM.ascent_loss needs rank=<this process's rank> in its context to seed its "
+                             "directions (dist_sam.sam_step passes it; by hand, pass rank=0 in one process)")
+        return context["rank"]
 
     def _workspace(self, named: dict) -> dict | None:
         """SAM's ``w + e`` buffers, idle until :meth:`perturb`, hold ``w + mu·v``: no extra memory."""
@@ -269,9 +228,7 @@ class RWSAM(SAM):
 
     @staticmethod
     def _require(context: dict) -> tuple:
-        module = context.get("module")
-        if module is None and context.get("model") is not None:
-            module = _unwrap(context["model"])
+        module = context.get("module", context.get("model"))
         found = dict(module=module, loss_fn=context.get("loss_fn"), inputs=context.get("inputs"),
                      targets=context.get("targets"))
         missing = [k for k, v in found.items() if v is None]
@@ -279,29 +236,8 @@ class RWSAM(SAM):
             raise ValueError(f"RWSAM.ascent_loss needs {missing} in its context (dist_sam.sam_step passes them)")
         return tuple(found.values())
 
-    def _final_linear(self, module: nn.Module) -> nn.Linear:
-        if self.last_layer is None:
-            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError(f"estimator='last_layer' needs a final nn.Linear producing the logits, and "
-                                 f"{type(module).__name__} has none; name one with last_layer=... or use estimator='fd'")
-            return linears[-1]
-        if isinstance(self.last_layer, nn.Module):
-            layer = self.last_layer
-            if not any(m is layer for m in module.modules()):
-                raise ValueError("last_layer is not a submodule of the model")
-        else:
-            try:
-                layer = module.get_submodule(self.last_layer)
-            except AttributeError:
-                raise ValueError(f"last_layer={self.last_layer!r} names no submodule of {type(module).__name__}") from None
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"last_layer must be an nn.Linear (the closed form is for a linear layer), "
-                             f"got {type(layer).__name__}")
-        return layer
-
     def _last_layer_estimate(self, losses: torch.Tensor, context: dict) -> torch.Tensor:
-        captured, self._captured = self._captured or self._capture.take(), None
+        captured, self._take = (self._take() if self._take is not None else None), None
         if captured is None:
             raise ValueError("estimator='last_layer' saw no forward of the final nn.Linear: run the ascent "
                              "forward inside opt.ascent_context(model) (dist_sam.sam_step does)")

@@ -1,4 +1,4 @@
-"""The SAM optimizer wrapper (Foret et al. 2021) and its USAM and ASAM variants.
+"""The SAM optimizer wrapper (Foret et al. 2021); its USAM and ASAM variants are in ``variants.py``.
 
 ``SAM`` wraps any ``torch.optim.Optimizer`` and shares its ``param_groups``, so LR schedulers,
 gradient scalers and checkpointing treat it like the base optimizer. The two-pass protocol is::
@@ -22,7 +22,7 @@ import torch
 
 from .rules import perturbation, perturbation_scales
 
-__all__ = ["SAM", "USAM", "ASAM"]
+__all__ = ["SAM"]
 
 _SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 
@@ -199,17 +199,9 @@ class SAM(torch.optim.Optimizer):
         ``rho`` and ``eta`` may differ per param group (a rho schedule works like an LR
         schedule); ``adaptive`` and ``normalize`` are optimizer-wide.
         """
-        return perturbation(
-            grads,
-            params,
-            rho=[g["rho"] for g in groups],
-            eta=[g["eta"] for g in groups],
-            adaptive=self.defaults["adaptive"],
-            normalize=self.defaults["normalize"],
-            inplace=inplace,
-            grad_norm=grad_norm,
-            **({} if norm_fn is None else {"norm_fn": norm_fn}),
-        )
+        return perturbation(grads, params, rho=[g["rho"] for g in groups], eta=[g["eta"] for g in groups],
+                            adaptive=self.defaults["adaptive"], normalize=self.defaults["normalize"], inplace=inplace,
+                            grad_norm=grad_norm, **({} if norm_fn is None else {"norm_fn": norm_fn}))
 
     def _group_of_params(self) -> list[dict]:
         return [g for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -270,8 +262,9 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     # -- hooks used by sam_step; RW-SAM overrides them ----------------------------------------
-    def ascent_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
-        """Context entered around the ascent forward (RW-SAM uses it to capture features)."""
+    def ascent_context(self, module: torch.nn.Module, *, capture=None) -> contextlib.AbstractContextManager:
+        """Context entered around the ascent forward (RW-SAM captures features in it): ``module`` is
+        the user's eager module, ``capture`` the engine's way to record a layer (``StepEngine.capture``)."""
         return contextlib.nullcontext()
 
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
@@ -298,18 +291,3 @@ class SAM(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base_optimizer!r}, interval={self.interval})"
 
-
-class USAM(SAM):
-    """Unnormalized SAM: ``e = rho * g`` (``normalize=False``)."""
-
-    def __init__(self, params, base_optimizer, rho: float = 0.05, **kwargs: Any) -> None:
-        kwargs.setdefault("normalize", False)
-        super().__init__(params, base_optimizer, rho=rho, **kwargs)
-
-
-class ASAM(SAM):
-    """Adaptive SAM (Kwon et al. 2021): ``e = rho * T² g / ||T g||`` with ``T = |w| + eta``."""
-
-    def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
-        kwargs.setdefault("adaptive", True)
-        super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)

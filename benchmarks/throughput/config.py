@@ -1,23 +1,23 @@
 """The sweep's settings: ``BenchConfig`` (validated), its YAML loader, and the variant names.
 
 ``parse_variant`` turns a name (``sgd``, ``sam-local``, ``msam-b/4``, ``rwsam-fd``, ...) into how
-that variant steps (:class:`Variant`). Used by ``benchmarks.harness`` (which re-exports these names)
-and ``benchmarks.report``.
+that variant steps (:class:`Variant`). Used by ``harness`` (which re-exports these names) and
+``report`` of ``benchmarks.throughput``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
+
+from ..common.output import RESULTS_DIR
 
 __all__ = ["DEFAULT_VARIANTS", "RESULTS_DIR", "BenchConfig", "Variant", "parse_variant", "load_config"]
 
 DEFAULT_VARIANTS = ("sgd", "sam-local", "sam-global", "usam", "asam", "msam-b", "msam-b/2", "msam-b/4",
                     "msam-b/8", "rwsam-fd", "rwsam-last_layer")
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -143,13 +143,38 @@ def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Varia
         if k < 1 or b % k:
             raise ValueError(f"variant {name!r}: expected msam-b or msam-b/k with k dividing batch_size {b}")
         return Variant(name, "sam", "micro", micro_batch_size=b // k, m=b // k, options=sam)
+    if name.startswith("looksam-"):
+        return _looksam(name, b, sam)
     if name.startswith("rwsam-"):
         estimator = name[len("rwsam-"):]
         if estimator not in ("fd", "last_layer", "exact"):
             raise ValueError(f"variant {name!r}: the RW-SAM estimator must be fd, last_layer or exact")
         opts = sam + (("estimator", estimator), ("lam", cfg.lam)) + ((("mu", cfg.mu),) if estimator == "fd" else ())
         return Variant(name, "rwsam", m=b, options=opts)
-    raise ValueError(f"unknown variant {name!r}; accepted: {DEFAULT_VARIANTS} (msam-b/k for any k dividing b, msam-b/k-vmap batched), rwsam-exact")
+    raise ValueError(f"unknown variant {name!r}; accepted: {DEFAULT_VARIANTS} (msam-b/k for any k dividing b, msam-b/k-vmap "
+                     "batched), rwsam-exact, looksam-k<K>, looksam-b/<j>-k<K> (look-m-SAM), looksam-off")
+
+
+#: ``looksam-off``: a look step once (in the warm-up), then only off steps: the cost of an off step.
+OFF_ONLY_K = 10**9
+
+
+def _looksam(name: str, b: int, sam: tuple) -> Variant:
+    """``looksam-k<K>`` (local look steps every K steps), ``looksam-b/<j>-k<K>`` (look-m-SAM, m = b/j)
+    and ``looksam-off``."""
+    rest = name[len("looksam-"):]
+    if rest == "off":
+        return Variant(name, "looksam", m=b, options=sam + (("k", OFF_ONLY_K), ("warmup", 0)))
+    micro, _, k = rest.rpartition("-")
+    j = micro[2:] if micro.startswith("b/") else ""
+    if not (k.startswith("k") and k[1:].isdigit() and int(k[1:]) >= 1) or micro and not (j.isdigit() and int(j) >= 1
+                                                                                          and b % int(j) == 0):
+        raise ValueError(f"variant {name!r}: expected looksam-k<K>, looksam-b/<j>-k<K> (j dividing batch_size {b}) "
+                         "or looksam-off")
+    options = sam + (("k", int(k[1:])), ("warmup", 0))
+    if micro:
+        return Variant(name, "looksam", "micro", micro_batch_size=b // int(j), m=b // int(j), options=options)
+    return Variant(name, "looksam", m=b, options=options)
 
 
 def load_config(path: str | None, **overrides: Any) -> BenchConfig:

@@ -1,6 +1,6 @@
-"""Tables and figures from a sweep's JSON (``benchmarks.run``) or a study's JSON (``benchmarks.study``).
+"""Tables and figures from a sweep's JSON (``benchmarks.throughput``).
 
-    python -m benchmarks.plots benchmarks/results/cpu.json      # rewrite cpu.md and the PNGs
+    python -m benchmarks.throughput.plots benchmarks/results/cpu.json      # rewrite cpu.md and the PNGs
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["markdown_table", "write_all", "study_markdown", "study_figure", "main"]
+from ..common import output
+
+__all__ = ["markdown_table", "write_all", "main"]
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:
@@ -65,17 +67,8 @@ def _loads(values: list | None) -> str:
     return "n/a" if not values else "/".join(f"{v:.1f}" for v in values)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _throughput_vs_m(result: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = output.pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4))
     for n in sorted({r["world_size"] for r in result["records"]}):
         at = [r for r in result["records"] if r["world_size"] == n]
@@ -92,28 +85,11 @@ def _throughput_vs_m(result: dict, path: str) -> None:
     ax.set_ylabel("img/s (all workers)")
     ax.set_title(f"{result['name']}: throughput vs m")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _bars(ax, names: list[str], groups: dict[str, dict[str, float]], errs: dict[str, dict[str, tuple]] | None = None,
-          labels: list[str] | None = None) -> None:
-    width = 0.8 / max(1, len(groups))
-    for k, (label, values) in enumerate(groups.items()):
-        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(names))]
-        ys = [values.get(n, 0.0) for n in names]
-        yerr = None
-        if errs:
-            lo_hi = [errs[label].get(n, (y, y)) for n, y in zip(names, ys)]
-            yerr = [[y - lo for (lo, _), y in zip(lo_hi, ys)], [hi - y for (_, hi), y in zip(lo_hi, ys)]]
-        ax.bar(xs, ys, width, yerr=yerr, capsize=2, label=label)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(labels or names, rotation=45, ha="right", fontsize=8)
+    output.save_figure(fig, path)
 
 
 def _step_time(result: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = output.pyplot()
     names = list(dict.fromkeys(r["variant"] for r in result["records"]))
     groups, errs = {}, {}
     for r in result["records"]:
@@ -122,20 +98,20 @@ def _step_time(result: dict, path: str) -> None:
         groups.setdefault(label, {})[r["variant"]] = 1e3 * t["median"]
         errs.setdefault(label, {})[r["variant"]] = (1e3 * t["p10"], 1e3 * t["p90"])
     fig, ax = plt.subplots(figsize=(8, 4))
-    _bars(ax, names, groups, errs)
+    output.bars(ax, names, groups, errs)
     ax.set_ylabel("step time, ms (median, p10-p90)")
     ax.set_title(f"{result['name']}: step time by variant")
     _save(plt, fig, ax, path)
 
 
 def _scaling(result: dict, path: str) -> None:
-    plt = _pyplot()
+    plt = output.pyplot()
     names = list(dict.fromkeys(s["variant"] for s in result["scaling"]))
     groups: dict[str, dict[str, float]] = {}
     for s in result["scaling"]:
         groups.setdefault(f"world size {s['world_size']}", {})[s["variant"]] = s["efficiency"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    _bars(ax, names, groups)
+    output.bars(ax, names, groups)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_ylabel("img/s at n / (n x img/s at 1)")
     ax.set_title(f"{result['name']}: weak-scaling efficiency")
@@ -144,9 +120,7 @@ def _scaling(result: dict, path: str) -> None:
 
 def _save(plt, fig, ax, path: str) -> None:
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    output.save_figure(fig, path)
 
 
 def write_all(result: dict, out_dir: str, figures: bool = True) -> list[str]:
@@ -164,74 +138,16 @@ def write_all(result: dict, out_dir: str, figures: bool = True) -> list[str]:
     return written
 
 
-# -- the accuracy study -------------------------------------------------------------------------
-def study_markdown(result: dict) -> str:
-    """The study as markdown: accuracy mean ± std and SGN-covariance trace per variant and noise."""
-    cfg = result["config"]
-    lines = [f"## m-sharpness study `{result['name']}`", "", result["description"], "",
-             "| variant | mapping | m | " + " | ".join(f"acc % ({int(100 * p)}% noise) | tr Σ ({int(100 * p)}% noise)" for p in cfg["noise"])
-             + " | cpu-s/epoch | x SGD |", "|---|---|---|" + "---|---|" * len(cfg["noise"]) + "---|---|"]
-    cost = {v["name"]: sum(s["cpu_s_per_epoch"] for s in result["summary"] if s["variant"] == v["name"]) / len(cfg["noise"])
-            for v in result["variants"]}
-    for v in result["variants"]:
-        cells = []
-        for p in cfg["noise"]:
-            s = next(s for s in result["summary"] if s["variant"] == v["name"] and s["noise"] == p)
-            cells += [f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f}", f"{s['sgn_trace_mean']:.3g} ± {s['sgn_trace_std']:.2g}"]
-        sgd = cost.get("sgd")
-        cells += [f"{cost[v['name']]:.2f}", f"{cost[v['name']] / sgd:.1f}" if sgd else "n/a"]
-        lines.append(f"| {v['name']} | {v['mapping']} | {v['m'] or '-'} | " + " | ".join(cells) + " |")
-    lines += ["", f"{cfg['seeds']} seeds per cell (mean ± sample std); wall time {result['wall_time_s'] / 60:.1f} min "
-              f"on {result['machine']['cpu_count']} cores ({cfg['workers']} worker processes, 1 thread each)."]
-    if result.get("notes"):
-        lines += [""] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def study_figure(result: dict, path: str) -> None:
-    """Two panels: test accuracy (mean ± std) and SGN-covariance trace, per variant and noise."""
-    plt = _pyplot()
-    names = [v["name"] for v in result["variants"]]
-    labels = [v["name"] + (f" (m={v['m']})" if v["m"] else "") for v in result["variants"]]
-    acc, acc_err, trace, trace_err = {}, {}, {}, {}
-    for s in result["summary"]:
-        label = f"{int(100 * s['noise'])}% label noise"
-        acc.setdefault(label, {})[s["variant"]] = 100 * s["test_acc_mean"]
-        acc_err.setdefault(label, {})[s["variant"]] = (100 * (s["test_acc_mean"] - s["test_acc_std"]), 100 * (s["test_acc_mean"] + s["test_acc_std"]))
-        trace.setdefault(label, {})[s["variant"]] = s["sgn_trace_mean"]
-        trace_err.setdefault(label, {})[s["variant"]] = (s["sgn_trace_mean"] - s["sgn_trace_std"], s["sgn_trace_mean"] + s["sgn_trace_std"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    _bars(a, names, acc, acc_err, labels)
-    lows = [v for g in acc.values() for v in g.values()]
-    a.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(lows) + 2))
-    a.set_ylabel("test accuracy, % (mean ± std)")
-    a.legend(fontsize=8)
-    _bars(b, names, trace, trace_err, labels)
-    b.set_ylabel("SGN covariance trace at the end")
-    b.set_yscale("log")
-    fig.suptitle(f"{result['name']}: m-sharpness on digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the markdown and figures of a results JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m benchmarks.plots RESULTS.json", file=sys.stderr)
+        print("usage: python -m benchmarks.throughput.plots RESULTS.json", file=sys.stderr)
         return 2
     with open(argv[0]) as fh:
         result = json.load(fh)
     out_dir = os.path.dirname(os.path.abspath(argv[0]))
-    if result.get("schema", "").startswith("dist-sam-study"):
-        stem = os.path.join(out_dir, result["name"])
-        with open(stem + ".md", "w") as fh:
-            fh.write(study_markdown(result))
-        study_figure(result, stem + ".png")
-        print(f"wrote {stem}.md, {stem}.png")
-    else:
-        print("wrote " + ", ".join(write_all(result, out_dir)))
+    print("wrote " + ", ".join(write_all(result, out_dir)))
     return 0
 
 

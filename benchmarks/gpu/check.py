@@ -1,24 +1,26 @@
 """The lent-GPU check (``benchmarks/gpu_check.sh``): every CUDA path of dist-sam in one <= 8-minute run.
 
     OUT=/tmp/out bash benchmarks/gpu_check.sh                  # on the GPU machine (<= 8 minutes)
-    python -m benchmarks.gpu_check --dry-run --out /tmp/out     # the same code, tiny, on CPU
+    python -m benchmarks.gpu.check --dry-run --out /tmp/out     # the same code, tiny, on CPU
 
 ResNet-50, 224px, bf16 autocast, channels_last, batch 256 (b), on one GPU. The sections run in the
 order of :data:`SECTIONS` (cheap and certain first, compilation last) and ``$OUT/gpu_check.json``
 is rewritten after each one, so a timeout keeps the finished ones; a section that would start
-after ``--budget-s`` is recorded as skipped. The functions are in ``benchmarks.gpu_sections``.
+after ``--budget-s`` is recorded as skipped. The functions are in ``benchmarks.gpu.sections``.
 
 1. ``correctness``: SGD, SAM-local, RW-SAM ``fd`` and ``last_layer``, m-SAM at m = b/4 sequential
    and batched (``micro_impl="vmap"``): 3 steps at lr 0.1 on a fresh model; loss and weights
    finite, weights moved. The timing sections need it to pass.
-2. ``throughput_eager``: img/s of those variants, interleaved (``benchmarks.harness.measure``, no
+2. ``throughput_eager``: img/s of those variants, interleaved (``benchmarks.throughput.harness.measure``, no
    DDP), median of 20 steps, peak ``max_memory_allocated``; ratios (vmap / sequential m-SAM too).
 3. ``fp16_scaler``: SAM-local under fp16 autocast with ``GradScaler``; an inf batch must skip the
    step and lower the scale; img/s.
 4. ``ddp_dali_trainer``: the trainer wrapped in DDP at world size 1 over NCCL, 2 short epochs of
    SAM-local on synthetic JPEGs decoded by DALI ``mixed`` (nvJPEG).
 5. ``dali``: the loader's img/s on the same JPEGs after a warm-up epoch.
-   ``fsdp2``: ``benchmarks.gpu_checks.fsdp`` (FSDP2 at world size 1, resident and lean).
+   ``looksam``, ``look_msam``, ``msam_vmap``: LookSAM, look-m-SAM and batched m-SAM against
+   SAM-local at per-device batch 128, m = 16 (``benchmarks.gpu.cheap``), after ``throughput_eager``.
+   ``fsdp2``: ``benchmarks.gpu.fsdp`` (FSDP2 at world size 1, resident and lean).
 6. ``throughput_compiled`` / ``throughput_compiled_rwsam``: as 2 through ``torch.compile``
    (inductor; warm-up compiles, ``wall_s`` includes it). Batched m-SAM is not repeated: it runs
    the eager module.
@@ -38,16 +40,19 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from . import gpu_sections as sections
-from .gpu_sections import VARIANTS, check_correctness, dali_throughput, time_variants
+from ..common import output
+from . import cheap, sections
+from .sections import VARIANTS, check_correctness, dali_throughput, time_variants
 
 __all__ = ["SECTIONS", "Section", "check_correctness", "time_variants", "dali_throughput", "main"]
 
 SCHEMA = "dist-sam-gpu-check/2"
 FULL = dict(model="resnet50", image_size=224, num_classes=1000, batch_size=256, steps=20, warmup=3, compile_backend="inductor",
-            dali_images=3072, dali_image_size=320, dali_batch=256, dali_threads=8, dali_epochs=4, trainer_batch=256)
+            dali_images=3072, dali_image_size=320, dali_batch=256, dali_threads=8, dali_epochs=4, trainer_batch=256,
+            sam_batch=128, sam_m=16)
 DRY = dict(model="small_cnn", image_size=16, num_classes=10, batch_size=8, steps=2, warmup=1, compile_backend="aot_eager",
-           dali_images=100, dali_image_size=32, dali_batch=8, dali_threads=2, dali_epochs=2, trainer_batch=16)
+           dali_images=100, dali_image_size=32, dali_batch=8, dali_threads=2, dali_epochs=2, trainer_batch=16,
+           sam_batch=8, sam_m=2)
 
 
 class Section(NamedTuple):
@@ -63,46 +68,35 @@ class Section(NamedTuple):
 SECTIONS: list[Section] = [
     Section("correctness", sections.check_correctness),
     Section("throughput_eager", sections.time_variants, needs="correctness"),
+    Section("looksam", cheap.looksam, needs="correctness"),
+    Section("look_msam", cheap.look_msam, needs="correctness"),
+    Section("msam_vmap", cheap.msam_vmap, needs="correctness"),
     Section("fp16_scaler", sections.fp16_scaler),
     Section("ddp_dali_trainer", sections.ddp_trainer),
     Section("dali", sections.dali_throughput, dali=True),
     Section("fsdp2", lambda opts, device, workdir: _fsdp2(device)),
-    # DeepSpeed fp16 runs first, in a process of its own: gpu_check.sh -> benchmarks.gpu_checks.deepspeed_fp16.
+    # DeepSpeed fp16 runs first, in a process of its own: gpu_check.sh -> benchmarks.gpu.deepspeed_fp16.
     Section("throughput_compiled", sections.time_compiled, needs="correctness"),
     Section("throughput_compiled_rwsam", sections.time_compiled_rwsam, needs="correctness"),
 ]
 
 
 def _machine(device: str) -> dict[str, Any]:
-    info = dict(device=device, torch=torch.__version__, cpu_count=os.cpu_count(), threads=torch.get_num_threads())
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_gb=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
     try:
         import nvidia.dali
 
-        info["dali"] = nvidia.dali.__version__
+        dali = nvidia.dali.__version__
     except ImportError:
-        info["dali"] = None
-    return info
+        dali = None
+    cudnn = torch.backends.cudnn.version() if device == "cuda" else None
+    return output.machine(device, threads=torch.get_num_threads(), cudnn=cudnn, dali=dali)
 
 
 def _fsdp2(device: str) -> dict[str, Any]:
-    """``benchmarks.gpu_checks.fsdp``: FSDP2 at world size 1, resident and lean memory modes."""
-    import socket
+    """``benchmarks.gpu.fsdp``: FSDP2 at world size 1, resident and lean memory modes."""
+    from . import fsdp
 
-    from .gpu_checks import fsdp
-
-    saved = dict(os.environ)  # its own world-size-1 group: a free port, and the environment put back
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
-    try:
-        return fsdp.run(dry_run=device != "cuda")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return fsdp.run(dry_run=device != "cuda")
 
 
 def _run_section(section: Section, result: dict, opts: dict, device: str, workdir: str, t_start: float, budget_s: float) -> None:
@@ -125,7 +119,7 @@ def _run_section(section: Section, result: dict, opts: dict, device: str, workdi
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sections in order, rewriting the JSON after each; exit 1 if any failed."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default $OUT)")
     p.add_argument("--dry-run", action="store_true", help="tiny model and data on CPU: checks the script, not the GPU")
     p.add_argument("--skip-dali", action="store_true", help="skip the sections that need DALI")
@@ -155,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             _run_section(section, result, opts, device, workdir, t_start, args.budget_s)
             result["total_s"] = time.perf_counter() - t_start
-            with open(path, "w") as fh:
-                json.dump(result, fh, indent=1, default=str)
+            output.write_json(result, path)
             state = "ERROR" if section.name in result["errors"] else "skipped" if section.name in result["skipped"] else "done"
             print(f"[gpu_check] {section.name}: {state} in {result['seconds'].get(section.name, 0.0):.1f}s", flush=True)
     finally:

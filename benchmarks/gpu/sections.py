@@ -1,7 +1,7 @@
-"""The sections of ``benchmarks.gpu_check``: each ``fn(opts, device, workdir) -> dict`` (plain data).
+"""The sections of ``benchmarks.gpu.check``: each ``fn(opts, device, workdir) -> dict`` (plain data).
 
-``opts`` is ``gpu_check.FULL`` on the GPU and ``gpu_check.DRY`` under ``--dry-run`` (the same code,
-tiny, on the CPU). Adding a section is one function here and one entry in ``gpu_check.SECTIONS``.
+``opts`` is ``check.FULL`` on the GPU and ``check.DRY`` under ``--dry-run`` (the same code, tiny,
+on the CPU). Adding a section is one function here and one entry in ``check.SECTIONS``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ RATIOS = (("sam-local", "sgd"), ("rwsam-fd", "sam-local"), ("rwsam-last_layer", 
 
 
 def bench_config(opts: dict, device: str, variants=VARIANTS, **extra: Any):
-    from .config import BenchConfig
+    from ..throughput.config import BenchConfig
 
     return BenchConfig(name="gpu_check", model=opts["model"], image_size=opts["image_size"], num_classes=opts["num_classes"],
                        batch_size=opts["batch_size"], world_sizes=(1,), threads=max(1, torch.get_num_threads()), variants=variants,
@@ -49,7 +49,7 @@ def _fresh_model(cfg, device: str):
 
 def check_correctness(opts: dict, device: str, workdir: str) -> dict[str, Any]:
     """3 steps at lr 0.1 per variant on a fresh model: finite loss, finite and moved weights."""
-    from .harness import available_variants, make_step, parse_variant
+    from ..throughput.harness import available_variants, make_step, parse_variant
 
     cfg = bench_config(opts, device, lr=0.1)
     names, skipped = available_variants(VARIANTS)
@@ -71,8 +71,8 @@ def check_correctness(opts: dict, device: str, workdir: str) -> dict[str, Any]:
 
 
 def time_variants(opts: dict, device: str, workdir: str = "", variants=VARIANTS, **extra: Any) -> dict[str, Any]:
-    """Interleaved timing on one model (``benchmarks.harness.measure``, no DDP): img/s, peak memory."""
-    from .harness import measure
+    """Interleaved timing on one model (``benchmarks.throughput.harness.measure``, no DDP): img/s, peak memory."""
+    from ..throughput.harness import measure
 
     if device == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,7 +1,7 @@
 """Input pipeline throughput: DALI (CPU) against the torchvision DataLoader, same transforms.
 
-    python -m benchmarks.bench_data                     # 320 synthetic 224px JPEGs, 2 workers
-    python -m benchmarks.bench_data --data data/imagenet --num-images 0
+    python -m benchmarks.throughput.data                     # 320 synthetic 224px JPEGs, 2 workers
+    python -m benchmarks.throughput.data --data data/imagenet --num-images 0
 
 Both backends run ``dist_sam.data.build_loader`` with ``num_workers=2`` (DALI: 2 CPU threads), one
 rank, batches to the CPU. Each backend gets a warm-up pass, then the passes alternate between
@@ -13,9 +13,7 @@ pipeline build and the <= 2 batches it prefetches past the epoch's end). The res
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -27,16 +25,10 @@ import torchvision
 from dist_sam.data import DataConfig, build_loader
 from dist_sam.data.demo import make_synthetic
 
+from ..common import output
+
 TARGET_RATIO = 1.5
 BACKENDS = ("dali", "torchvision")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def _timed_pass(loader) -> tuple[int, float]:
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--passes", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_loader.json"))
+    p.add_argument("--out", default=os.path.join(output.RESULTS_DIR, "data_loader.json"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or tmp
@@ -125,23 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
         **result,
         "target_ratio": TARGET_RATIO,
         "meets_target": result["train"]["ratio_dali_over_torchvision"] >= TARGET_RATIO,
-        "machine": {
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_1min_before": round(load_before, 2),
-            "loadavg_1min_after": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "dali": dali.__version__,
-            "cuda_available": torch.cuda.is_available(),
-        },
+        "machine": output.machine(torch_threads=torch.get_num_threads(), loadavg_1min_before=round(load_before, 2),
+                                  loadavg_1min_after=round(os.getloadavg()[0], 2), torchvision=torchvision.__version__,
+                                  dali=dali.__version__, cuda_available=torch.cuda.is_available()),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2)
+    output.write_json(report, args.out, indent=2)
     for split in ("train", "val"):
         rate, ratio = report[split]["img_per_s"], report[split]["ratio_dali_over_torchvision"]
         print(f"{split}: dali {rate['dali']} img/s, torchvision {rate['torchvision']} img/s, ratio {ratio}x")

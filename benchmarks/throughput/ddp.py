@@ -1,9 +1,9 @@
 """SAM-local/SGD and SAM-global/SGD step-time ratios at world size 2 on CPU (a preset of ``run``).
 
-    python -m benchmarks.bench_ddp                 # ResNet-18, 32px, batch 32/worker, 20+ steps
-    python -m benchmarks.bench_ddp --strict        # exit 1 when local exceeds 2.05x SGD
+    python -m benchmarks.throughput.ddp                 # ResNet-18, 32px, batch 32/worker, 20+ steps
+    python -m benchmarks.throughput.ddp --strict        # exit 1 when local exceeds 2.05x SGD
 
-Runs ``benchmarks/configs/ddp.yaml`` through the sweep harness (2 gloo processes, 1 thread each,
+Runs ``benchmarks/throughput/configs/ddp.yaml`` through the sweep harness (2 gloo processes, 1 thread each,
 variants interleaved, median of the slowest rank's step times) and writes
 ``benchmarks/results/ddp.json`` (the sweep's schema plus ``ddp_ratios``) and ``ddp.md``.
 Target (SPEC.md §5): SAM-local at most 2.05x SGD; SAM-global pays a second all-reduce.
@@ -12,10 +12,10 @@ Target (SPEC.md §5): SAM-local at most 2.05x SGD; SAM-global pays a second all-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from ..common import output
 from .config import RESULTS_DIR, load_config
 from .run import run_sweep
 
@@ -36,18 +36,16 @@ def ddp_ratios(result: dict, world_size: int = 2) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_ddp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=RESULTS_DIR)
-    p.add_argument("--config", default=CONFIG, help="override the preset (e.g. benchmarks/configs/quick.yaml)")
+    p.add_argument("--config", default=CONFIG, help="override the preset (e.g. benchmarks/throughput/configs/quick.yaml)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--strict", action="store_true", help="exit 1 if SAM-local/SGD exceeds the target")
     args = p.parse_args(argv)
     cfg = load_config(args.config, world_sizes=(2,), variants=("sgd", "sam-local", "sam-global"), steps=args.steps)
     result = run_sweep(cfg, args.out, plots=False)
     ratios = result["ddp_ratios"] = ddp_ratios(result)
-    path = os.path.join(args.out, f"{cfg.name}.json")
-    with open(path, "w") as fh:
-        json.dump({k: v for k, v in result.items() if k != "files"}, fh, indent=1)
+    path = output.write_json({k: v for k, v in result.items() if k != "files"}, os.path.join(args.out, f"{cfg.name}.json"))
     n = result["config"]["steps"]
     print(f"world size 2, {cfg.model} {cfg.image_size}px, batch {cfg.batch_size}/worker, median of {n}+ steps:")
     verdict = "met" if ratios["local_ok"] else "MISSED"

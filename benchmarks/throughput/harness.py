@@ -3,91 +3,30 @@
 ``make_step`` (one variant's step on a model); ``measure`` (every variant in this process,
 interleaved rounds, with all-reduce counts and peak memory via :class:`PeakMemory`);
 ``run_world`` (``measure`` on ``n`` spawned processes). The config and variant names live in
-``benchmarks.config`` and are re-exported here; the summaries, checks and output files are
-``benchmarks.report``; the entry point is ``benchmarks.run``.
+``benchmarks.throughput.config`` and are re-exported here; the summaries, checks and output files
+are ``benchmarks.throughput.report``; the entry point is ``benchmarks.throughput.run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
 import time
-import traceback
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import dist_sam
 from dist_sam.distributed.ddp import CommCounter
 from dist_sam.train.models import build_model
 
+from ..common.procs import spawn
+from ..common.timing import PeakMemory, rotated
 from .config import DEFAULT_VARIANTS, RESULTS_DIR, BenchConfig, Variant, load_config, parse_variant
 
 __all__ = ["DEFAULT_VARIANTS", "RESULTS_DIR", "BenchConfig", "Variant", "parse_variant", "load_config", "PeakMemory",
            "make_step", "compile_model", "available_variants", "measure", "run_world"]
-
-
-class PeakMemory:
-    """Peak extra memory of one call, and how it was measured (:attr:`method`).
-
-    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the call. Linux CPU: the
-    kernel's peak-RSS mark (``VmHWM``) minus ``VmRSS`` before the call, after ``malloc_trim(0)``
-    returned freed heap to the OS and the mark was reset (``/proc/self/clear_refs`` = 5); this
-    counts every page the call touches (tensors, allocator overhead), not only tensor bytes.
-    Elsewhere: ``None``.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._trim = None
-        if device.type == "cuda":
-            self.method = "torch.cuda.max_memory_allocated() - memory_allocated() before the step"
-        elif self._linux_probe():
-            self.method = "VmHWM - VmRSS before the step (Linux; malloc_trim(0) and clear_refs=5 first)"
-        else:
-            self.method = None
-
-    def _linux_probe(self) -> bool:
-        try:
-            import ctypes
-
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            return self._status("VmHWM") is not None
-        except (OSError, AttributeError):
-            return False
-
-    @staticmethod
-    def _status(key: str) -> int | None:
-        with open("/proc/self/status") as fh:
-            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":")), None)
-
-    def measure(self, fn: Callable[[], Any]) -> int | None:
-        """Run ``fn()``; return its peak extra memory in bytes (``None`` without a method)."""
-        if self.method is None:
-            fn()
-            return None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            fn()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - before
-        import gc
-
-        gc.collect()
-        self._trim(0)
-        before = self._status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        fn()
-        return max(0, self._status("VmHWM") - before)
 
 
 # -- one process: build, warm up, time ----------------------------------------------------------
@@ -144,8 +83,8 @@ def _build_model(cfg: BenchConfig) -> nn.Module:
 def available_variants(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """The names whose optimizer is registered, and a reason for each one skipped."""
     registered = set(dist_sam.list_optimizers())
-    skipped = {n: "RW-SAM is not registered in this dist_sam (create_optimizer('rwsam') unknown)"
-               for n in names if n.startswith("rwsam-") and "rwsam" not in registered}
+    skipped = {n: f"{n.split('-')[0]} is not registered in this dist_sam (create_optimizer({n.split('-')[0]!r}) unknown)"
+               for n in names if n.split("-")[0] in ("rwsam", "looksam") and n.split("-")[0] not in registered}
     return [n for n in names if n not in skipped], skipped
 
 
@@ -239,7 +178,7 @@ def measure(cfg: BenchConfig, *, rank: int = 0, world_size: int = 1, ddp: bool =
         run(n, 1, False)
     rounds = math.ceil(cfg.steps / cfg.steps_per_round)
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in rotated(names, r):
             for i in range(cfg.steps_per_round):
                 run(n, i, True)
     out = {n: dict(v, finite=v["finite"] and all(bool(torch.isfinite(p).all()) for p in models[n][0].parameters()))
@@ -249,55 +188,12 @@ def measure(cfg: BenchConfig, *, rank: int = 0, world_size: int = 1, ddp: bool =
 
 
 # -- processes ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, cfg_dict: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(cfg_dict["threads"]))
-    try:
-        cfg = BenchConfig(**cfg_dict)
-        torch.set_num_threads(cfg.threads)
-        torch.set_num_interop_threads(1)
-        cuda = cfg.torch_device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(rank)
-            cfg = dataclasses.replace(cfg, device=f"cuda:{rank}")
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", measure(cfg, rank=rank, world_size=world_size)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _rank_measure(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    # on a GPU, spawn made cuda:rank the current device, which "cuda" then means
+    return measure(BenchConfig(**cfg_dict), rank=rank, world_size=world_size)
 
 
 def run_world(cfg: BenchConfig, world_size: int) -> list[dict]:
     """Run :func:`measure` on ``world_size`` spawned processes; one result per rank."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    cfg_dict = dataclasses.asdict(cfg)
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, cfg_dict, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, errors = [None] * world_size, []
-    try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=cfg.timeout_s)
-            if status == "error":
-                errors.append(f"rank {rank}:\n{value}")
-            else:
-                results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError(f"world size {world_size} failed:\n" + "\n".join(errors))
-    return results
+    return spawn(_rank_measure, world_size, dataclasses.asdict(cfg), timeout_s=cfg.timeout_s, threads=cfg.threads,
+                 device=str(cfg.torch_device))

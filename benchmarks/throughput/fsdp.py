@@ -1,7 +1,7 @@
 """FSDP2 SAM at world size 2 on CPU: step time, collectives, bytes and peak memory (the ``fsdp`` preset).
 
-    python -m benchmarks.bench_fsdp              # ResNet-18, 32 px, batch 32/worker, units per stage
-    python -m benchmarks.bench_fsdp --quick      # tiny sizes (the tests)
+    python -m benchmarks.throughput.fsdp              # ResNet-18, 32 px, batch 32/worker, units per stage
+    python -m benchmarks.throughput.fsdp --quick      # tiny sizes (the tests)
 
 Two gloo processes, one thread each. Variants, interleaved round by round on the same batches:
 plain FSDP2 (SGD), SAM-local ``resident`` (L0) and ``lean`` (L1), SAM-global under FSDP2, and
@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -35,8 +34,10 @@ from dist_sam.distributed.ddp import CommCounter
 from dist_sam.train.models import build_model
 from dist_sam.train.parallel import shard
 
+from ..common import output
+from ..common.procs import spawn
+from ..common.timing import PeakMemory, rotated
 from .config import RESULTS_DIR
-from .harness import PeakMemory, _free_port
 
 __all__ = ["VARIANTS", "TARGETS", "run", "main"]
 
@@ -110,8 +111,7 @@ def _steps(cfg: dict, rank: int) -> dict:
     return steps
 
 
-def _measure(cfg: dict, rank: int) -> dict:
-    torch.set_num_threads(1)
+def _measure(rank: int, world_size: int, cfg: dict) -> dict:
     collectives = _Collectives()
     steps = _steps(cfg, rank)
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -127,26 +127,12 @@ def _measure(cfg: dict, rank: int) -> dict:
         out[name]["peak_memory_bytes"] = probe.measure(lambda: steps[name](x, y))
         out[name]["calls"], out[name]["bytes"] = dict(collectives.calls), dict(collectives.bytes)
     for r in range(cfg["rounds"]):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-        for name in order:
+        for name in rotated(VARIANTS, r):
             dist.barrier()
             start = time.perf_counter()
             steps[name](x, y)
             out[name]["times"].append(time.perf_counter() - start)
     return out
-
-
-def _entry(rank, world, port, cfg, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", _measure(cfg, rank)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _summarize(cfg: dict, ranks: list[dict]) -> dict:
@@ -200,32 +186,11 @@ def run(cfg: dict) -> dict:
 
 
 def _run_pair(cfg: dict) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, 2, port, cfg, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results, errors = [None, None], []
-    try:
-        for _ in range(2):
-            rank, status, value = queue.get(timeout=cfg["timeout_s"])
-            (errors.append(f"rank {rank}:\n{value}") if status == "error" else results.__setitem__(rank, value))
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return results
+    return spawn(_measure, 2, cfg, timeout_s=cfg["timeout_s"])
 
 
 def _plot(result: dict, path: str) -> None:
-    from .plots import _pyplot
-
-    plt = _pyplot()
+    plt = output.pyplot()
     names = list(result["variants"])
     rows = [result["variants"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -238,13 +203,11 @@ def _plot(result: dict, path: str) -> None:
     axes[0].axvline(TARGETS["sam_local_step_vs_fsdp"], color="r", ls="--", lw=1)
     fig.suptitle(f"FSDP2 SAM, world size 2, {result['config']['model']} {result['config']['image_size']}px, "
                  f"batch {result['config']['batch_size']}/worker (CPU, gloo)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    output.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_fsdp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput.fsdp", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--quick", action="store_true", help="tiny model and few rounds (a smoke test)")
     p.add_argument("--rounds", type=int, default=None)
@@ -258,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["rounds"] = args.rounds
     cfg["param_bytes"] = sum(p.numel() * p.element_size() for p in _model(cfg).parameters())  # one gradient
     result = run(cfg)
-    os.makedirs(args.out, exist_ok=True)
     name = "fsdp_quick" if args.quick else ("fsdp" if args.model == "resnet18" else f"fsdp_{args.model}")
-    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    output.write_json(result, os.path.join(args.out, f"{name}.json"))
     _plot(result, os.path.join(args.out, f"{name}.png"))
     for n, r in result["variants"].items():
         print(f"{n:16s} step {r['step_vs_fsdp_sgd']:.2f}x FSDP-SGD  {r['step_vs_ddp_sam_local']:.2f}x DDP-SAM  "

@@ -1,7 +1,7 @@
 """GPU check, FSDP2 section: world size 1, bf16 parameters, ``resident`` (L0) and ``lean`` (L1).
 
-    python -m benchmarks.gpu_checks.fsdp --out $OUT            # on the GPU (NCCL), about 1 minute
-    python -m benchmarks.gpu_checks.fsdp --dry-run --out /tmp  # the same code, tiny, CPU + gloo
+    python -m benchmarks.gpu.fsdp --out $OUT            # on the GPU (NCCL), about 1 minute
+    python -m benchmarks.gpu.fsdp --dry-run --out /tmp  # the same code, tiny, CPU + gloo
 
 For each memory mode a fresh ResNet (seeded; ResNet-50 at 224 px, batch 64 on the GPU) is sharded
 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` and takes 3 SAM-local steps on
@@ -13,14 +13,13 @@ Writes ``fsdp_gpu_check.json``.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..common.procs import world_of_one
 from . import section_main
 
 __all__ = ["run", "main"]
@@ -66,20 +65,12 @@ def run(dry_run: bool) -> dict:
     opts = DRY if dry_run else FULL
     cuda = torch.cuda.is_available() and not dry_run
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    try:
+    with world_of_one(device):
         gen = torch.Generator().manual_seed(1)
         size, n = opts["image_size"], opts["batch_size"]
         batches = [(torch.randn(n, 3, size, size, generator=gen).to(device),
                     torch.randint(0, opts["num_classes"], (n,), generator=gen).to(device)) for _ in range(opts["steps"])]
         modes = {m: _mode(m, opts, device, batches) for m in ("resident", "lean")}
-    finally:
-        if own_group:
-            dist.destroy_process_group()
     a, b = modes["resident"].pop("weights"), modes["lean"].pop("weights")
     diff = max(((x - y).abs().max() / x.abs().max().clamp_min(1e-12)).item() for x, y in zip(a, b))
     ok = all(m["finite"] and m["moved"] for m in modes.values()) and diff < 2e-2

@@ -1,7 +1,7 @@
 """The sweep: step time, throughput, all-reduce calls/bytes and peak memory of every SAM variant.
 
-    dist-sam bench --config benchmarks/configs/cpu.yaml        # or: python -m benchmarks.run ...
-    python -m benchmarks.run --config benchmarks/configs/quick.yaml --out /tmp/bench
+    dist-sam bench --config benchmarks/throughput/configs/cpu.yaml   # or: python -m benchmarks.throughput ...
+    python -m benchmarks.throughput --config benchmarks/throughput/configs/quick.yaml --out /tmp/bench
 
 For each world size in the config, ``n`` processes (gloo on CPU, NCCL on GPU) hold one DDP model
 (``n = 1`` included: the same code path as ``torchrun --nproc_per_node=1``, so communication is
@@ -13,7 +13,7 @@ over its timed steps of the slowest rank. Ratios are against SGD measured in the
 ``lr`` defaults to 0: the weights stay at their initialization so every variant is timed at the
 same point (the base optimizer's arithmetic still runs). Inputs are synthetic, in memory: this
 times the step, not the input pipeline. Outputs: ``<out>/<name>.json``, ``<name>.md`` and PNG
-plots (``benchmarks.plots``).
+plots (``benchmarks.throughput.plots``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-# Re-exported: ``benchmarks.run`` was the single module of the sweep, and is still where its names are found.
+# Re-exported: the sweep's names are all found here (``benchmarks.throughput.run``).
 from .config import DEFAULT_VARIANTS, RESULTS_DIR, BenchConfig, Variant, load_config, parse_variant
 from .harness import PeakMemory, available_variants, make_step, measure, run_world
 from .report import SCHEMA, checks, machine, scaling, summarize, write_result
@@ -58,7 +58,7 @@ def run_sweep(cfg: BenchConfig, out_dir: str, plots: bool = True) -> dict[str, A
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-sam bench",
                                 description="Step time, img/s, all-reduce calls/bytes and peak memory per SAM variant.")
-    p.add_argument("--config", default=None, help="YAML config (benchmarks/configs/*.yaml); defaults otherwise")
+    p.add_argument("--config", default=None, help="YAML config (benchmarks/throughput/configs/*.yaml); defaults otherwise")
     p.add_argument("--out", default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     p.add_argument("--name", default=None, help="override the config's name (output file stem)")
     p.add_argument("--world-sizes", default=None, help="comma-separated, e.g. 1,2")
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dist-sam bench`` and ``python -m benchmarks.run``."""
+    """Entry point of ``dist-sam bench`` and ``python -m benchmarks.throughput``."""
     args = _parser().parse_args(argv)
     split = lambda s, f=str: None if s is None else tuple(f(x) for x in s.split(",") if x)  # noqa: E731
     try:

@@ -1,7 +1,7 @@
 """RW-SAM's overhead over SAM: step-time ratios at world size 1 and 2 on CPU.
 
-    python -m benchmarks.bench_rwsam                      # ResNet-18 (CIFAR stem), 32px, batch 32/worker
-    python -m benchmarks.bench_rwsam --arch plain --steps 30
+    python -m benchmarks.throughput.rwsam                      # ResNet-18 (CIFAR stem), 32px, batch 32/worker
+    python -m benchmarks.throughput.rwsam --arch plain --steps 30
 
 Measures ``RW-SAM(fd)/SAM`` and ``RW-SAM(last_layer)/SAM`` (targets 1.10 and 1.03; SPEC.md §5
 counts 7F/6F for ``fd``, the paper measures 1.12 on ResNet-18) and writes
@@ -18,19 +18,18 @@ so that no calibration runs inside the timed steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from ..common import output
+from ..common.procs import spawn
+from ..common.timing import rotated
 
 __all__ = ["VARIANTS", "TARGETS", "build_resnet18", "measure", "main"]
 
@@ -40,7 +39,6 @@ VARIANTS = {  # name -> create_optimizer(name, ...) arguments
     "rwsam-last_layer": ("rwsam", dict(estimator="last_layer")),
 }
 TARGETS = {"rwsam-fd/sam": 1.10, "rwsam-last_layer/sam": 1.03}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build_resnet18(arch: str, num_classes: int = 10) -> nn.Module:
@@ -83,9 +81,8 @@ def _rounds(cfg: dict, world: int) -> dict[str, list[float]]:
     names = list(VARIANTS)
     times = {n: [] for n in names}
     for r in range(cfg["warmup"] + cfg["steps"]):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no variant always goes first
         x, y = data[r % len(data)]
-        for name in order:
+        for name in rotated(names, r):  # no variant always goes first
             model, opt = runs[name]
             if world > 1:
                 dist.barrier()
@@ -106,25 +103,8 @@ def _slowest_rank(times: dict[str, list[float]]) -> dict[str, list[float]]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        times = _slowest_rank(_rounds(cfg, world))
-        if rank == 0:
-            queue.put(("ok", times))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        queue.put(("error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_times(rank: int, world: int, cfg: dict) -> dict[str, list[float]]:
+    return _slowest_rank(_rounds(cfg, world))
 
 
 def measure(cfg: dict, world: int) -> dict[str, list[float]]:
@@ -132,36 +112,7 @@ def measure(cfg: dict, world: int) -> dict[str, list[float]]:
     if world == 1:
         torch.set_num_threads(1)
         return _rounds(cfg, 1)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        status, value = queue.get(timeout=cfg["timeout"])
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(f"a benchmark rank failed:\n{value}")
-    return value
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import torchvision
-
-    return dict(torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
-                cpu=cpu, logical_cpus=os.cpu_count(), threads_per_process=1, platform=platform.platform(),
-                load_average_at_start=list(os.getloadavg()))
+    return spawn(_rank_times, world, cfg, timeout_s=cfg["timeout"])[0]
 
 
 def _summary(times: dict[str, list[float]]) -> dict:
@@ -172,19 +123,19 @@ def _summary(times: dict[str, list[float]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_rwsam", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput.rwsam", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="cifar", choices=("cifar", "plain"))
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--steps", type=int, default=20, help="timed rounds (>= 20 for the record)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--out", default=os.path.join(RESULTS, "rwsam_overhead.json"))
+    p.add_argument("--out", default=os.path.join(output.RESULTS_DIR, "rwsam_overhead.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = dict(arch=args.arch, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, timeout=args.timeout)
     result = dict(config=dict(cfg, model=f"resnet18-{args.arch}", image_size=32, mu=1e-4, variants=list(VARIANTS)),
-                  machine=_machine(), targets=TARGETS, world_sizes={})
+                  machine=output.machine(threads_per_process=1), targets=TARGETS, world_sizes={})
     for world in args.world_sizes:
         begin = time.time()
         summary = _summary(measure(cfg, world))
@@ -194,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               + "  (medians: " + ", ".join(f"{k} {v:.3f}s" for k, v in summary["median_step_s"].items()) + ")",
               flush=True)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    output.write_json(result, args.out)
     print(f"wrote {args.out}")
     return 0
 

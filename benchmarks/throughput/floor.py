@@ -1,7 +1,7 @@
 """m-SAM against its sequential floor, eager, compiled and batched (issue 14).
 
-    python -m benchmarks.floor --config benchmarks/configs/msam_floor_cpu.yaml
-    python -m benchmarks.floor --config benchmarks/configs/msam_floor_quick.yaml --out /tmp/floor
+    python -m benchmarks.throughput.floor --config benchmarks/throughput/configs/msam_floor_cpu.yaml
+    python -m benchmarks.throughput.floor --config benchmarks/throughput/configs/msam_floor_quick.yaml --out /tmp/floor
 
 For each ``m = b/k`` the *floor* is what the sequential arithmetic of an m-SAM step costs, timed
 in the same process and the same interleaved rounds as the step itself: ``2·(b/m)``
@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import statistics
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -38,6 +37,8 @@ from torch import nn
 
 import dist_sam
 
+from ..common import output
+from ..common.timing import paired_ratio, rotated, stats
 from .config import RESULTS_DIR, BenchConfig
 from .harness import _build_model, compile_model
 
@@ -51,7 +52,7 @@ TARGET = 1.15  # issue 14: m-SAM step <= 1.15x its floor at every m (CPU preset,
 @dataclasses.dataclass(kw_only=True)
 class FloorConfig:
     """One floor run (YAML keys are these names). ``divisors``: the ``k`` of ``m = b/k``; other
-    fields as :class:`benchmarks.config.BenchConfig`."""
+    fields as :class:`benchmarks.throughput.config.BenchConfig`."""
 
     name: str = "msam_floor"
     model: str = "resnet18"
@@ -185,7 +186,7 @@ def measure_floor(cfg: FloorConfig) -> dict[str, Any]:
         warmup_s[key] = time.perf_counter() - start
     keys = list(tasks)
     for r in range(math.ceil(cfg.steps / cfg.steps_per_round)):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for key in rotated(keys, r):
             for _ in range(cfg.steps_per_round):
                 sync()
                 start = time.perf_counter()
@@ -196,16 +197,6 @@ def measure_floor(cfg: FloorConfig) -> dict[str, Any]:
                 finite=all(bool(torch.isfinite(p).all()) for p in module.parameters()))
 
 
-def _stats(ts: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return dict(median=statistics.median(ts), p10=q[0], p90=q[-1], min=min(ts), n=len(ts))
-
-
-def _paired(a: list[float], b: list[float], per: int) -> float:
-    rounds = range(0, min(len(a), len(b)), per)
-    return statistics.median(statistics.mean(a[i:i + per]) / statistics.mean(b[i:i + per]) for i in rounds)
-
-
 def summarize_floor(cfg: FloorConfig, raw: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per (mode, m): floor, step, their ratio (median and round-paired), vs SGD."""
     t, records = raw["times"], []
@@ -214,16 +205,16 @@ def summarize_floor(cfg: FloorConfig, raw: dict[str, Any]) -> list[dict[str, Any
         for k in cfg.divisors:
             m = cfg.batch_size // k
             floor, step, sgd = t.get((ref, "floor", m)), t[(mode, "msam", m)], t.get((ref, "sgd", cfg.batch_size))
-            rec = dict(mode=mode, m=m, k=k, micro_batches=k, floor_of=ref, step_s=_stats(step),
+            rec = dict(mode=mode, m=m, k=k, micro_batches=k, floor_of=ref, step_s=stats(step),
                        warmup_s=raw["warmup_s"][(mode, "msam", m)], forwards_per_step=raw["forwards"].get((mode, "msam", m)))
             if floor:
-                rec.update(floor_s=_stats(floor), forwards_per_floor=raw["forwards"].get((ref, "floor", m)),
+                rec.update(floor_s=stats(floor), forwards_per_floor=raw["forwards"].get((ref, "floor", m)),
                            ratio_to_floor=statistics.median(step) / statistics.median(floor),
-                           ratio_to_floor_paired=_paired(step, floor, cfg.steps_per_round))
+                           ratio_to_floor_paired=paired_ratio(step, floor, cfg.steps_per_round))
                 rec["within_target"] = rec["ratio_to_floor"] <= TARGET
                 rec["floor_ratio_vs_sgd"] = statistics.median(floor) / statistics.median(sgd) if sgd else None
             if sgd:
-                rec.update(sgd_s=_stats(sgd), forwards_per_sgd=raw["forwards"].get((ref, "sgd", cfg.batch_size)),
+                rec.update(sgd_s=stats(sgd), forwards_per_sgd=raw["forwards"].get((ref, "sgd", cfg.batch_size)),
                            step_ratio_vs_sgd=statistics.median(step) / statistics.median(sgd))
             records.append(rec)
     return records
@@ -244,12 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Step / floor against m, one line per mode, the target dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = output.pyplot().subplots(figsize=(5.5, 3.8))
     for mode in result["config"]["modes"]:
         rows = [r for r in result["records"] if r["mode"] == mode and r.get("ratio_to_floor") is not None]
         ax.plot([r["m"] for r in rows], [r["ratio_to_floor"] for r in rows], marker="o", label=mode)
@@ -260,14 +246,12 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("m-SAM step / its floor")
     ax.set_title(f"{result['config']['model']}, b = {result['config']['batch_size']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    output.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m benchmarks.floor --config ... [--out DIR] [--steps N] [--no-plot]``."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__.split("\n\n")[0])
+    """Entry point: ``python -m benchmarks.throughput.floor --config ... [--out DIR] [--steps N] [--no-plot]``."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput.floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None)
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--steps", type=int, default=None)
@@ -276,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_floor_config(args.config, steps=args.steps)
     except (ValueError, OSError) as err:
-        print(f"benchmarks.floor: {err}", file=sys.stderr)
+        print(f"benchmarks.throughput.floor: {err}", file=sys.stderr)
         return 2
     from .report import machine
 
@@ -285,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(schema=SCHEMA, name=cfg.name, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=dataclasses.asdict(cfg),
                   machine=machine(cfg.bench()), target=TARGET, finite=raw["finite"], records=summarize_floor(cfg, raw))
     result["wall_time_s"] = time.time() - started
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, cfg.name)
-    with open(stem + ".json", "w") as fh:
-        json.dump(result, fh, indent=1)
+    output.write_json(result, stem + ".json")
     with open(stem + ".md", "w") as fh:
         fh.write(markdown(result))
     if not args.no_plot:

@@ -1,7 +1,7 @@
 """GPU check, DeepSpeed fp16 section: DeepSpeed's own dynamic loss scaling under SAM, ZeRO 0-3.
 
-    python -m benchmarks.gpu_checks.deepspeed_fp16 --out $OUT            # on the GPU (NCCL), < 1 min
-    python -m benchmarks.gpu_checks.deepspeed_fp16 --dry-run --out /tmp  # the same code on CPU + gloo
+    python -m benchmarks.gpu.deepspeed_fp16 --out $OUT            # on the GPU (NCCL), < 1 min
+    python -m benchmarks.gpu.deepspeed_fp16 --dry-run --out /tmp  # the same code on CPU + gloo
 
 World size 1, a 2-conv CNN (32 px, batch 64 on the GPU), fp16 parameters, DeepSpeed's default
 dynamic scale (2^16, hysteresis 2) so that the first steps overflow and the scale moves. Per stage:
@@ -21,9 +21,9 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..common.procs import world_of_one
 from . import section_main
 
 __all__ = ["run", "main"]
@@ -113,21 +113,12 @@ def run(dry_run: bool) -> dict:
         from deepspeed.accelerator import get_accelerator
 
         type(get_accelerator()).is_fp16_supported = lambda self: True  # see the module docstring
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29563")
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    try:
+    with world_of_one("cuda" if cuda else "cpu"):
         gen = torch.Generator().manual_seed(1)
         size, n = opts["image_size"], opts["batch_size"]
         batches = [(torch.randn(n, 3, size, size, generator=gen), torch.randint(0, 10, (n,), generator=gen))
                    for _ in range(opts["steps"])]
         stages = {str(s): _stage(s, batches) for s in (0, 1, 2, 3)}
-    finally:
-        if own_group:
-            dist.destroy_process_group()
     return dict(section="deepspeed_fp16", device=torch.cuda.get_device_name(0) if cuda else "cpu", dry_run=dry_run,
                 options=opts, stages=stages, ok=all(s["ok"] for s in stages.values()))
 
