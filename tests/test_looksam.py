@@ -200,3 +200,37 @@ def test_refused_step_modes_raise_before_any_work(step_kwargs, match):
         dist_sam.sam_step(model, opt, LOSS, x, y, **step_kwargs)
     assert opt.num_steps == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_scaler_steps_equal_the_unscaled_ones():
+    """fp16 loss scaling (GradScaler): the ascent gradients are unscaled before they are kept as g
+    and the rule sees the unscaled descent gradient (a power-of-two scale: the same steps)."""
+    batches = [[make_batch("mlp", 8, seed=t, dtype=torch.float32)] for t in range(4)]
+    kw = dict(lr=0.1, momentum=0.9, rho=0.1, k=2, alpha=0.5)
+    a, b = make_mlp(0, dtype=torch.float32), make_mlp(0, dtype=torch.float32)
+    opt_a = dist_sam.create_optimizer("looksam", a.parameters(), **kw)
+    opt_b = dist_sam.create_optimizer("looksam", b.parameters(), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _run(a, opt_a, batches)
+    _run(b, opt_b, batches, scaler=scaler)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_config_takes_looksam():
+    from dist_sam.config import SamConfig
+    from dist_sam.train.config import load_config, to_dict
+
+    cfg = load_config(None, ["data.root=/nonexistent", "sam.variant=looksam", "sam.k=4", "sam.alpha=0.2",
+                             "sam.ascent=micro", "sam.micro_batch_size=2"])
+    opt = cfg.sam.build_optimizer(make_mlp(0).parameters(), base="sgd", lr=0.1)
+    assert isinstance(opt, dist_sam.LookSAM) and (opt.k, opt.alpha, opt.warmup) == (4, 0.2, 0)
+    tree = to_dict(cfg)
+    assert tree["sam"]["k"] == 4 and "lam" not in tree["sam"]
+    assert "k" not in to_dict(load_config(None, ["data.root=/nonexistent", "sam.variant=sam"]))["sam"]
+    with pytest.warns(UserWarning, match=r"sam\.alpha"):
+        SamConfig.from_dict({"variant": "sam", "alpha": 0.5})
+    for bad, match in (({"k": 0}, "sam.k"), ({"alpha": 1.5}, "sam.alpha"), ({"warmup": -1}, "sam.warmup"),
+                       ({"interval": 2}, "sam.interval"), ({"ascent": "global"}, "sam.ascent")):
+        with pytest.raises(ValueError, match=match):
+            SamConfig.from_dict({"variant": "looksam", **bad})
