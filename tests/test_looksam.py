@@ -58,11 +58,19 @@ def ref_look_grads(model, x, y, rho, m):
     return g, g_s
 
 
-def ref_looksam(model, batches, *, rho, k, alpha, lr, momentum, m=None, warmup=0, gather=None):
+def _clip(vs, clip):
+    if clip is None:
+        return vs
+    coef = min(1.0, clip / (float(_norm(vs)) + 1e-6))  # torch.nn.utils.clip_grad_norm_
+    return [v * coef for v in vs]
+
+
+def ref_looksam(model, batches, *, rho, k, alpha, lr, momentum, m=None, warmup=0, gather=None, clip=None):
     """Weights after LookSAM steps on ``batches`` with SGD(momentum), every quantity in float64.
 
     ``gather(g) -> mean over ranks`` makes it data-parallel (each rank's batch in ``batches[t]``
-    is a list of per-rank batches); ``None``: one process.
+    is a list of per-rank batches); ``None``: one process. ``clip``: the synced gradient is
+    clipped to this norm before the rule (the reuse term scales with the clipped ``||g||``).
     """
     model = copy.deepcopy(model)
     params = list(model.parameters())
@@ -72,11 +80,11 @@ def ref_looksam(model, batches, *, rho, k, alpha, lr, momentum, m=None, warmup=0
         if t < warmup or t % k == 0:
             pairs = [ref_look_grads(model, x, y, rho, m or x.shape[0]) for x, y in per_rank]
             g = gather([p[0] for p in pairs])
-            d = gather([p[1] for p in pairs])
+            d = _clip(gather([p[1] for p in pairs]), clip)
             coef = _dot(d, g) / _norm(g) ** 2
             g_v = [s - coef * u for s, u in zip(d, g)]
         else:
-            g = gather([_grad(model, x, y) for x, y in per_rank])
+            g = _clip(gather([_grad(model, x, y) for x, y in per_rank]), clip)
             d = [u + alpha * (_norm(g) / _norm(g_v)) * v for u, v in zip(g, g_v)]
         buf = d if buf is None else [momentum * b + u for b, u in zip(buf, d)]
         with torch.no_grad():
@@ -106,6 +114,16 @@ def test_matches_float64_reference(ascent):
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     assert opt.num_steps == 7 and opt.g_v is not None
+
+
+def test_clipping_and_accumulation():
+    """Clipping applies to the synced gradient before the rule; accumulation_steps=2 under local is
+    look-m-SAM over the two chunks (and a plain step over both on off steps)."""
+    model, batches = make_mlp(0), _batches(5, 8)
+    ref = ref_looksam(model, batches, rho=0.1, k=2, alpha=0.5, lr=0.1, momentum=0.9, m=4, clip=0.05)
+    opt = dist_sam.create_optimizer("looksam", model.parameters(), lr=0.1, momentum=0.9, rho=0.1, k=2, alpha=0.5)
+    for a, b in zip(_run(model, opt, batches, accumulation_steps=2, clip_grad_norm=0.05), ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_warmup_takes_full_steps_first():
