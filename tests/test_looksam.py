@@ -252,3 +252,19 @@ def test_trainer_config_takes_looksam():
                        ({"interval": 2}, "sam.interval"), ({"ascent": "global"}, "sam.ascent")):
         with pytest.raises(ValueError, match=match):
             SamConfig.from_dict({"variant": "looksam", **bad})
+
+
+def test_rho_zero_is_the_base_optimizer_bit_for_bit():
+    """rho = 0: g_s == g bit for bit, so g_v == 0 exactly and every step is SGD's own."""
+    batches = _batches(4, 8)
+    a, b = make_mlp(0), make_mlp(0)
+    look = dist_sam.create_optimizer("looksam", a.parameters(), lr=0.1, momentum=0.9, rho=0.0, k=2, alpha=0.5)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    _run(a, look, batches)
+    for (x, y), in batches:
+        sgd.zero_grad()
+        LOSS(b(x), y).mean().backward()
+        sgd.step()
+    assert look.g_v_norm == 0
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

@@ -94,6 +94,40 @@ def _ddp_cases(rank):
     return out
 
 
+def _ddp_rho0_and_resume(rank):
+    """rho = 0 against DDP SGD (bit for bit), and a state_dict resume after an off step (bit for bit)."""
+    import io
+
+    import dist_sam
+    model, plain = DDP(make_mlp(0)), DDP(make_mlp(0))
+    opt = dist_sam.create_optimizer("looksam", model.parameters(), **dict(OPT, rho=0.0))
+    sgd = torch.optim.SGD(plain.parameters(), lr=OPT["lr"], momentum=OPT["momentum"])
+    for step in range(4):
+        x, y = _batch(step, rank)
+        dist_sam.sam_step(model, opt, CE, x, y)
+        sgd.zero_grad()
+        CE(plain(x), y).mean().backward()
+        sgd.step()
+    rho0 = all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+    model = DDP(make_mlp(0))
+    opt = dist_sam.create_optimizer("looksam", model.parameters(), **OPT)
+    run = lambda m, o, steps: [dist_sam.sam_step(m, o, CE, *_batch(t, rank)) for t in steps]  # noqa: E731
+    run(model, opt, range(2))
+    buffer = io.BytesIO()
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, buffer)
+    run(model, opt, range(2, STEPS))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = DDP(make_mlp(7))
+    resumed.module.load_state_dict(saved["model"])
+    opt2 = dist_sam.create_optimizer("looksam", resumed.parameters(), **OPT)
+    opt2.load_state_dict(saved["opt"])
+    run(resumed, opt2, range(2, STEPS))
+    resume = all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    return dict(rho0=rho0, resume=resume)
+
+
 def _shard(model):
     from torch.distributed.fsdp import fully_shard
     for unit in (model[0], model[2]):
@@ -126,7 +160,7 @@ def _fsdp_cases(rank, counter):
 
 def _worker(rank, world):
     counter = _Counter()  # before FSDP binds anything
-    return dict(ddp=_ddp_cases(rank), fsdp=_fsdp_cases(rank, counter))
+    return dict(ddp=_ddp_cases(rank), fsdp=_fsdp_cases(rank, counter), ddp_checks=_ddp_rho0_and_resume(rank))
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +218,8 @@ def test_fsdp2_off_steps_are_plain_steps_and_look_steps_add_one_all_reduce(resul
         # the plain gradient (whole, float64) and two float64 scalar sums (2 and 1 values) across shards
         assert extra.pop("all_reduce") == (3, n_params * 8 + 16 + 8), t
         assert all(v == (0, 0) for v in extra.values()), (t, extra)
+
+
+def test_ddp_rho_zero_is_sgd_and_resume_is_bit_equal(results):
+    for rank in range(WORLD):
+        assert results[rank]["ddp_checks"] == dict(rho0=True, resume=True), rank

@@ -6,7 +6,7 @@ At ``w``, ``g`` is the plain gradient and ``g_s`` SAM's descent gradient (``h`` 
 **Look steps** (``t < warmup`` or ``t % k == 0``, ``t`` the optimizer-step counter): a full SAM
 step, ``base.step(g_s)``, that also stores the component of ``g_s`` orthogonal to ``g``::
 
-    g_v = g_s - (<g_s, g> / (||g||^2 + eps_norm)) g
+    g_v = g_s - (<g_s, g> / ||g||^2) g        (g_v = g_s where g = 0)
 
 **Off steps** (the others): one forward and backward at ``w``, gradient ``g``, and::
 
@@ -25,7 +25,10 @@ reduction, the same bytes. Under sharded engines (FSDP2, ZeRO-1/2) ``g_v`` is ke
 gradient's own shards and its inner products take two more all-reduces of one or two scalars
 on look steps; off steps reuse the gradient norm the engine already takes.
 
-``rho = 0`` gives ``g_s = g``, hence ``g_v = 0`` and off steps are plain base steps. ``alpha``:
+``rho = 0`` gives ``g_s = g``: where both come out bit-equal (one process; DDP at 2 ranks, tested)
+``g_v = 0`` exactly and every step is the base optimizer's; elsewhere ``g_v`` is rounding noise
+that the off steps would reuse at full weight ``alpha * ||g||``, so take the SGD baseline from
+:func:`dist_sam.base_step`, not from ``rho = 0``. ``alpha``:
 the published 0.7 left a held-out task at chance on 2 of 5 seeds (SGD, momentum 0.9, k = 2);
 0.3 trained on every seed tried, hence the default. ``warmup`` full SAM steps first is a
 stabilizer for larger ``alpha``.
@@ -62,7 +65,7 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def orthogonal_component(g_s: Sequence[torch.Tensor], g: Sequence[torch.Tensor],
                          reduce: Reduce = _identity) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``g_v = g_s - (<g_s, g> / (||g||^2 + eps)) g`` and ``||g_v||`` (float64, 0-dim).
+    """``g_v = g_s - (<g_s, g> / ||g||^2) g`` and ``||g_v||`` (float64, 0-dim).
 
     ``reduce`` sums float64 partial sums across the shards of a sharded gradient (identity for
     whole tensors): once for ``(<g_s, g>, ||g||^2)``, once for ``||g_v||^2``, which is taken from
@@ -70,7 +73,7 @@ def orthogonal_component(g_s: Sequence[torch.Tensor], g: Sequence[torch.Tensor],
     """
     device = g_s[0].device if g_s else torch.device("cpu")
     dot, gg = reduce(torch.stack([_dot(g_s, g), _dot(g, g)]).to(device)).unbind()
-    coef = dot / (gg + EPS_NORM)
+    coef = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))  # no floor: g_s == g gives g_v == 0 exactly
     g_v = [s - coef.to(s.dtype) * t for s, t in zip(g_s, g)]
     return g_v, reduce(_dot(g_v, g_v).reshape(1).to(device))[0].sqrt()
 
