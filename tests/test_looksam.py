@@ -268,3 +268,17 @@ def test_rho_zero_is_the_base_optimizer_bit_for_bit():
     assert look.g_v_norm == 0
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_parameter_without_gradient_is_left_alone():
+    """An unused parameter (no gradient in either pass) keeps its value; the others match the
+    reference as if it did not exist."""
+    model, batches = make_mlp(0), _batches(4, 8)
+    ref = ref_looksam(model, batches, rho=0.1, k=2, alpha=0.5, lr=0.1, momentum=0.9)
+    model.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = dist_sam.create_optimizer("looksam", model.parameters(), lr=0.1, momentum=0.9, rho=0.1, k=2, alpha=0.5)
+    _run(model, opt, batches)
+    where = [i for i, p in enumerate(opt.params) if p is model.unused]
+    assert torch.equal(model.unused, torch.ones(3, dtype=torch.float64)) and opt.g_v[where[0]] is None
+    for a, b in zip([p for p in model.parameters() if p is not model.unused], ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

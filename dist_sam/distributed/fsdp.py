@@ -250,7 +250,7 @@ class FSDPEngine(StepEngine):
         collectives.all_reduce_mean_(wide, group=sharded[0].device_mesh.get_group())
         # each rank slices its own shard of the (now identical) full tensor: no communication
         return [distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                for t, p in zip(wide, sharded)]
+                if t.shape == p.shape else None for t, p in zip(wide, sharded)]  # None: an unused parameter
 
     def local_grads(self, optimizer) -> list:
         return [None if self._sharded[n].grad is None else self._sharded[n].grad.to_local() for n in self.names]

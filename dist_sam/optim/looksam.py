@@ -57,8 +57,10 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``<a, b>`` over every tensor, accumulated in float64."""
-    terms = [torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b)]
+    """``<a, b>`` over every tensor: per tensor in float32 or wider, summed in float64."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1) if t.dtype in (torch.float32, torch.float64) else t.reshape(-1).float()
+    terms = [torch.dot(wide(x), wide(y).to(wide(x).dtype)).double() for x, y in zip(a, b)]
     return torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64)
 
 
@@ -84,7 +86,7 @@ def reuse_(grads: Sequence[torch.Tensor], g_v: Sequence[torch.Tensor], g_v_norm:
     """``grads <- grads + alpha * (||g|| / (||g_v|| + eps)) * g_v`` in place (``grad_norm = ||g||``)."""
     scale = alpha * grad_norm.double() / (g_v_norm.double() + EPS_NORM)
     for t, v in zip(grads, g_v):
-        t.add_(scale.to(t.dtype) * v)
+        t.addcmul_(v, scale.to(t.device, t.dtype))  # one fused pass, no host sync
 
 
 class LookSAM(SAM):
@@ -138,8 +140,10 @@ class LookSAM(SAM):
     def ascent_finished(self, engine: Any) -> None:
         """Sync the plain gradient at ``w`` (the step's one extra all-reduce) through ``engine``."""
         summed, self._ascent_sum = self._ascent_sum, None
-        if summed is not None:
-            self._plain = engine.all_reduce_mean_([torch.zeros(0) if g is None else g for g in summed])
+        live = [g for g in summed or [] if g is not None]
+        if live:  # a parameter without an ascent gradient: an empty placeholder on the same device
+            empty = live[0].new_zeros(0)
+            self._plain = engine.all_reduce_mean_([empty if g is None else g for g in summed])
 
     @contextlib.contextmanager
     def stepping_with(self, engine: Any, grad_norm: torch.Tensor | None = None) -> Iterator[None]:
@@ -181,10 +185,11 @@ class LookSAM(SAM):
             if plain is None:
                 raise RuntimeError("a LookSAM look step needs the plain gradient at w: run it through "
                                    "dist_sam.sam_step or step(closure)")
-            live = [(s, t) for s, t in zip(grads, plain) if s is not None]
+            keep = [s is not None and t is not None and t.numel() == s.numel() for s, t in zip(grads, plain)]
+            live = [(s, t) for s, t, ok in zip(grads, plain, keep) if ok]  # no placeholders of unused params
             g_v, self.g_v_norm = orthogonal_component([s for s, _ in live], [t for _, t in live], reduce)
             it = iter(g_v)
-            self.g_v = [None if s is None else next(it) for s in grads]
+            self.g_v = [next(it) if ok else None for ok in keep]
             return
         if self.g_v is None or self.alpha == 0:
             return  # nothing stored yet (a resume from a plain state dict): a plain step
