@@ -19,11 +19,20 @@ from .optim.registry import create_optimizer
 from .optim.rwsam import ESTIMATORS, NORMALIZATIONS
 from .step import ASCENT_MODES
 
-__all__ = ["SamConfig", "VARIANTS"]
+__all__ = ["SamConfig", "VARIANTS", "foreign_fields"]
 
-VARIANTS = ("sam", "usam", "asam", "rwsam")
+VARIANTS = ("sam", "usam", "asam", "rwsam", "looksam")
 #: Fields that only RW-SAM reads.
 RWSAM_FIELDS = ("lam", "estimator", "mu", "num_directions", "normalization")
+#: Fields that only LookSAM reads.
+LOOKSAM_FIELDS = ("k", "alpha", "warmup")
+#: Each variant's own fields, ignored (with a warning) under the other variants.
+VARIANT_FIELDS = {"rwsam": RWSAM_FIELDS, "looksam": LOOKSAM_FIELDS}
+
+
+def foreign_fields(variant: str) -> tuple[str, ...]:
+    """The fields ``variant`` ignores (those of the other variants)."""
+    return tuple(f for v, fields in VARIANT_FIELDS.items() if v != variant for f in fields)
 
 
 def _fail(field: str, value: Any, accepted: str) -> None:
@@ -51,7 +60,8 @@ class SamConfig:
     """How a SAM-family step runs: the optimizer's options and the ascent mode.
 
     Attributes:
-        variant: ``sam``, ``usam`` (unnormalized), ``asam`` (adaptive) or ``rwsam`` (reweighted).
+        variant: ``sam``, ``usam`` (unnormalized), ``asam`` (adaptive), ``rwsam`` (reweighted) or
+            ``looksam`` (SAM every ``k`` steps, its direction reused in between).
         rho: perturbation radius ``>= 0``; ``None`` means the variant's default (0.5 for ``asam``,
             0.05 otherwise) and is resolved on construction.
         adaptive: ASAM's elementwise scale ``T = |w| + eta`` (always on for ``asam``; with ``rwsam``
@@ -65,6 +75,9 @@ class SamConfig:
         mu: RW-SAM's finite-difference step ``> 0`` or ``"auto"``.
         num_directions: RW-SAM's number of Rademacher directions ``K >= 1``.
         normalization: RW-SAM's normalization, ``zscore``, ``mean`` or ``none``.
+        k: LookSAM's look-step period, an integer ``>= 1`` (``interval`` stays 1 with LookSAM).
+        alpha: LookSAM's weight of the reused direction, in ``[0, 1]``.
+        warmup: LookSAM's number of full SAM steps first, an integer ``>= 0``.
     """
 
     variant: str = "sam"
@@ -79,6 +92,9 @@ class SamConfig:
     mu: float | str = "auto"
     num_directions: int = 1
     normalization: str = "zscore"
+    k: int = 5
+    alpha: float = 0.3
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         _choice("variant", self.variant, VARIANTS)
@@ -107,6 +123,15 @@ class SamConfig:
             _number("mu", self.mu, positive=True)
         _integer("num_directions", self.num_directions)
         _choice("normalization", self.normalization, NORMALIZATIONS)
+        _integer("k", self.k)
+        _number("alpha", self.alpha)
+        if self.alpha > 1:
+            _fail("alpha", self.alpha, "a number in [0, 1]")
+        _integer("warmup", self.warmup, low=0)
+        if self.variant == "looksam" and self.interval != 1:
+            _fail("interval", self.interval, "1 with sam.variant='looksam' (its look-step period is sam.k)")
+        if self.variant == "looksam" and self.ascent not in ("local", "micro"):
+            _fail("ascent", self.ascent, "'local' or 'micro' with sam.variant='looksam'")
 
     @property
     def is_adaptive(self) -> bool:
@@ -116,7 +141,7 @@ class SamConfig:
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SamConfig":
         """Build from a mapping (a JSON/YAML ``sam`` section); unknown keys raise, naming them.
 
-        RW-SAM keys given with another variant are ignored, with a warning.
+        RW-SAM's and LookSAM's keys given with another variant are ignored, with a warning.
         """
         if values is None:
             values = {}
@@ -126,15 +151,20 @@ class SamConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown key(s) {[f'sam.{k}' for k in unknown]} in the sam section; accepted: {fields}")
-        ignored = sorted(k for k in values if k in RWSAM_FIELDS)
-        if ignored and values.get("variant", "sam") != "rwsam":
-            warnings.warn(f"{[f'sam.{k}' for k in ignored]} only apply to sam.variant='rwsam' and are ignored "
-                          f"with sam.variant={values.get('variant', 'sam')!r}", stacklevel=2)
+        variant = values.get("variant", "sam")
+        ignored = sorted(k for k in values if k in foreign_fields(variant))
+        if ignored:
+            warnings.warn(f"{[f'sam.{k}' for k in ignored]} only apply to another sam.variant and are ignored "
+                          f"with sam.variant={variant!r}", stacklevel=2)
         return cls(**values)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``create_optimizer(self.variant, params, base=..., **these, **base_kwargs)``."""
-        kwargs: dict[str, Any] = dict(rho=self.rho, interval=self.interval)
+        kwargs: dict[str, Any] = dict(rho=self.rho)
+        if self.variant == "looksam":
+            kwargs.update(k=self.k, alpha=self.alpha, warmup=self.warmup)
+        else:
+            kwargs["interval"] = self.interval
         if self.is_adaptive:
             kwargs.update(adaptive=True, eta=self.eta)
         if self.variant == "rwsam":

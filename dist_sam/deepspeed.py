@@ -37,7 +37,7 @@ from .config import SamConfig
 from .distributed import collectives, ds_fp16
 from .optim.rules import global_norm
 from .core import per_sample_losses, sam_passes
-from .distributed.deepspeed_engine import DeepSpeedStepEngine
+from .distributed.deepspeed_engine import DeepSpeedStepEngine, check_looksam_config
 
 __all__ = ["initialize", "SAMEngine", "load_config", "check_config"]
 
@@ -89,6 +89,8 @@ def check_config(config: dict, world_size: int | None = None) -> SamConfig:
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage={stage!r} is not a ZeRO stage (accepted: 0, 1, 2, 3)")
+    if sam.variant == "looksam":
+        check_looksam_config(config, stage)
     if stage == 3:
         _check_zero3(sam)
     _check_precision(config)
@@ -198,6 +200,8 @@ class SAMEngine:
         # Perturbation engine on the module's own (bf16 under bf16) parameters; lr=0 and never stepped.
         self.sam = config.build_optimizer(self.module.parameters(), base=torch.optim.SGD, lr=0.0)
         self._step_engine = DeepSpeedStepEngine(engine, self.sam.params, config)
+        if config.variant == "looksam":  # its rule runs inside engine.step(), on DeepSpeed's gradients
+            self._step_engine.install_looksam(self.sam)
         self._micro_index = 0  # micro-batch within the accumulation window (RW-SAM seeds)
         self._check_finite = self._arm_fp32_overflow_check()
 

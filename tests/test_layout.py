@@ -1,7 +1,7 @@
 """The house rules of the code layout, read from the source (README "How the code is laid out").
 
 * Imports only run down the layers of ``dist_sam`` (function-level imports included).
-* The algorithm (``optim/``, ``core.py``) never imports ``torch.distributed``; the engines
+* The algorithm (``optim/``, ``core/``) never imports ``torch.distributed``; the engines
   (``distributed/``) reach the algorithm only through the step core's interface.
 * Only the engines resolve a wrapped model: nothing else imports ``compiled.py`` or unwraps.
 * No Python file in ``dist_sam/`` or ``benchmarks/`` exceeds 300 lines.
@@ -45,18 +45,18 @@ def _imports(path: pathlib.Path) -> list[tuple[str, int]]:
     """Every module ``path`` imports (absolute names), with its line."""
     rel = path.relative_to(ROOT).with_suffix("").parts
     package = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
-    found = []
+    found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found += [(a.name, node.lineno) for a in node.names]
+            found |= {(a.name, node.lineno) for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = list(package[: len(package) - node.level + 1]) if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
             for alias in node.names:  # `from . import collectives` imports the submodule
                 sub = ROOT.joinpath(*target.split("."), alias.name)
-                found.append((f"{target}.{alias.name}" if sub.with_suffix(".py").exists() or sub.is_dir() else target,
-                              node.lineno))
-    return found
+                found.add((f"{target}.{alias.name}" if sub.with_suffix(".py").exists() or sub.is_dir() else target,
+                           node.lineno))
+    return sorted(found)
 
 
 def _where(path: pathlib.Path, line: int) -> str:
@@ -83,7 +83,7 @@ def test_imports_run_down_the_layers():
 
 
 def test_the_algorithm_never_imports_torch_distributed():
-    found = [f"{_where(p, line)}: {t}" for p in [*_files("dist_sam/optim"), ROOT / "dist_sam/core.py"]
+    found = [f"{_where(p, line)}: {t}" for p in [*_files("dist_sam/optim"), *_files("dist_sam/core")]
              for t, line in _imports(p) if t.startswith(TORCH_DISTRIBUTED)]
     assert not found, found
 
@@ -95,9 +95,9 @@ def test_engines_reach_the_algorithm_through_the_core():
 
 
 def test_only_the_engines_resolve_wrapped_models():
-    """``compiled.py`` and DDP's ``.module`` are seen through in ``distributed/`` (and the step core's
-    ``capture``) only; the algorithm gets the modules it needs from the engine."""
-    allowed = {ROOT / "dist_sam/core.py"} | set(_files("dist_sam/distributed"))
+    """``compiled.py`` and DDP's ``.module`` are seen through in ``distributed/`` (and the engine
+    interface's ``capture``) only; the algorithm gets the modules it needs from the engine."""
+    allowed = {ROOT / "dist_sam/core/engine.py"} | set(_files("dist_sam/distributed"))
     found = [f"{_where(p, line)}: {t}" for p in _files("dist_sam") if p not in allowed
              for t, line in _imports(p) if t.startswith("dist_sam.compiled")]
     assert not found, found

@@ -12,6 +12,9 @@ goes through the engine:
   unscaled in float32 before the norm; DeepSpeed's own overflow check and loss scaler decide.
 * ZeRO-3 (:mod:`.zero3`): the perturbation lives on the gathered parameters, not in-place on the
   (empty) module parameters; RW-SAM's ``fd``/``exact`` ascent runs on all parameters gathered.
+* LookSAM (:meth:`DeepSpeedStepEngine.install_looksam`): its rule runs inside DeepSpeed's step, on
+  the gradients the base optimizer is handed: the module's ``.grad`` under ZeRO-0, this rank's
+  flat fp32 partition under ZeRO-1/2 (where ``g_v`` lives too).
 """
 
 from __future__ import annotations
@@ -27,7 +30,26 @@ from . import collectives, ds_fp16
 from .wrapped import resolve
 from .zero3 import Zero3Perturbation
 
-__all__ = ["DeepSpeedStepEngine"]
+__all__ = ["DeepSpeedStepEngine", "check_looksam_config"]
+
+
+def check_looksam_config(config: dict, stage: int) -> None:
+    """What LookSAM under DeepSpeed cannot run, refused with the field that says so (before any work).
+
+    Raises:
+        ValueError: ZeRO-3, gradient accumulation, or fp16/bf16 at ZeRO-0 (whose wrapper optimizers
+            keep their own flat fp32 copies).
+    """
+    if stage == 3:
+        raise ValueError("sam.variant='looksam' is not supported under zero_optimization.stage=3 (accepted: 0, 1, 2)")
+    gas = config.get("gradient_accumulation_steps", 1)
+    if gas not in (1, None, "auto"):
+        raise ValueError(f"gradient_accumulation_steps={gas!r} is not supported with sam.variant='looksam' under "
+                         "DeepSpeed (accepted: 1; use a larger train_micro_batch_size_per_gpu)")
+    precision = [name for name in ("fp16", "bf16") if isinstance(config.get(name), dict) and config[name].get("enabled")]
+    if stage == 0 and precision:
+        raise ValueError(f'"{precision[0]}": {{"enabled": true}} with zero_optimization.stage=0 is not supported with '
+                         "sam.variant='looksam' (accepted: fp32 at stage 0, or stage 1/2 for fp16/bf16)")
 
 
 class DeepSpeedStepEngine(StepEngine):
@@ -47,6 +69,67 @@ class DeepSpeedStepEngine(StepEngine):
         # RW-SAM's functional estimators need whole parameters outside ZeRO-3's hooks
         self._whole_ascent = self.zero3 is not None and config is not None and config.variant == "rwsam" \
             and config.estimator != "last_layer"
+
+    # -- LookSAM ------------------------------------------------------------------------------
+    @property
+    def _zero(self):
+        """DeepSpeed's ZeRO-1/2 optimizer, or ``None`` (ZeRO-0: the base optimizer on the module)."""
+        return self.engine.optimizer if self.engine.zero_optimization_stage() in (1, 2) else None
+
+    def install_looksam(self, sam) -> None:
+        """Run ``sam``'s rule on the gradients DeepSpeed hands its base optimizer, inside ``engine.step()``."""
+        zero = self._zero
+        if zero is not None and len(zero.bit16_groups) != 1:
+            raise ValueError(f"LookSAM under ZeRO-{self.engine.zero_optimization_stage()} takes one param group, got "
+                             f"{len(zero.bit16_groups)} (its inner products run over the whole gradient)")
+        if self.engine.dp_world_size != collectives.world_size():
+            raise ValueError("sam.variant='looksam' needs the data-parallel group to be the whole world")
+        target = zero.optimizer if zero is not None else self.engine.optimizer
+        original = target.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if zero is None:
+                grads = [p.grad for p in self.params]
+            else:  # _optimizer_step narrows param_groups to the group being stepped: one flat partition
+                grads = [p.grad for g in target.param_groups for p in g["params"]]
+            sam.transform_(grads, grad_norm=self._zero_norm(), reduce=self.sum_partials)
+            return original(*args, **kwargs)
+
+        target.step = step
+
+    def _zero_norm(self) -> torch.Tensor | None:
+        """``||g||`` after DeepSpeed's clipping, from the norm its ZeRO step already took (no reduction)."""
+        zero = self._zero
+        norm = None if zero is None else getattr(zero, "_global_grad_norm", None)
+        if norm is None:
+            return None  # ZeRO-0: whole gradients, LookSAM takes their norm itself
+        norm = torch.as_tensor(norm, dtype=torch.float64)
+        clip = float(self.engine.gradient_clipping() or 0.0)
+        if clip > 0:  # DeepSpeed's unscale_and_clip_grads: divided by max(1, (norm + 1e-6) / clip)
+            norm = norm / torch.clamp((norm + 1e-6) / clip, min=1.0)
+        return norm
+
+    def all_reduce_mean_(self, tensors):
+        """Average over the ranks in float32 or wider; ZeRO-1/2: return this rank's flat partition."""
+        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+        collectives.all_reduce_mean_(wide)  # the data-parallel group is the world (checked at initialize)
+        zero = self._zero
+        if zero is None:
+            return wide
+        flat, part = zero.bit16_groups_flat[0], zero.parallel_partitioned_bit16_groups[0][collectives.rank()]
+        start, size, item = (part.data_ptr() - flat.data_ptr()) // flat.element_size(), part.numel(), flat.element_size()
+        out = torch.zeros(size, dtype=zero.single_partition_of_fp32_groups[0].dtype, device=part.device)
+        for p, t in zip(self.params, wide):  # each parameter's data is a view into the group's flat buffer
+            off = (p.data_ptr() - flat.data_ptr()) // item
+            lo, hi = max(off, start), min(off + p.numel(), start + size)
+            if lo < hi:
+                out[lo - start:hi - start] = t.reshape(-1)[lo - off:hi - off]
+        return [out]
+
+    def sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        if self._zero is not None:  # partitions of one gradient: sum across them
+            collectives.all_reduce_sum_([partial])
+        return partial
 
     def ascent_pass(self, sync: bool) -> contextlib.AbstractContextManager:
         self._sync_ascent = sync

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core import AscentGrads, StepEngine, WrappedModel
+from . import collectives
 from .ddp import check_wrapped, no_grad_sync
 from .wrapped import is_fsdp, resolve
 
@@ -87,6 +88,12 @@ class DDPEngine(StepEngine):
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
         return no_grad_sync(self.wrapped, enabled=not last)
+
+    def all_reduce_mean_(self, tensors):
+        """One all-reduce over DDP's own group, as DDP's reducer makes it (a plain module: none)."""
+        if self.wrapped.ddp is not None:
+            collectives.all_reduce_mean_(tensors, group=self.wrapped.ddp.process_group)
+        return tensors
 
 
 def engine_for(model: nn.Module, *, scaler: Any = None, ascent: str = "local", **options: Any) -> StepEngine:

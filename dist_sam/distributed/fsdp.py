@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..core import AscentGrads, StepEngine
+from ..core import AscentGrads, StepEngine, stepping
+from . import collectives
 from .wrapped import resolve
 
 __all__ = ["FSDPEngine", "FSDP_MEMORY"]
@@ -242,6 +243,23 @@ class FSDPEngine(StepEngine):
         if last:
             self._reset()
 
+    # -- LookSAM: its g_v lives in the gradient's shards, in the order of self.names ---------------
+    def all_reduce_mean_(self, tensors):
+        """Average the full per-parameter tensors (names order) over the mesh; return this rank's shards."""
+        sharded = [self._sharded[n] for n in self.names]
+        wide = [t.to(p.dtype) for t, p in zip(tensors, sharded)]  # the shards' dtype (bf16 compute: fp32)
+        collectives.all_reduce_mean_(wide, group=sharded[0].device_mesh.get_group())
+        # each rank slices its own shard of the (now identical) full tensor: no communication
+        return [distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                if t.shape == p.shape else None for t, p in zip(wide, sharded)]  # None: an unused parameter
+
+    def local_grads(self, optimizer) -> list:
+        return [None if self._sharded[n].grad is None else self._sharded[n].grad.to_local() for n in self.names]
+
+    def sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(partial, group=next(iter(self._sharded.values())).device_mesh.get_group())
+        return partial
+
     def finish(self, optimizer, clip_grad_norm: float | None, scaler: Any = None) -> None:
         """Clip with the norm across shards; a non-finite norm skips the step on every rank."""
         grads = [p.grad.to_local() for p in optimizer.params if p.grad is not None]
@@ -253,6 +271,9 @@ class FSDPEngine(StepEngine):
             optimizer.num_steps += 1
         else:
             if clip_grad_norm is not None:
-                torch._foreach_mul_(grads, torch.clamp(clip_grad_norm / (norm + 1e-6), max=1.0))
-            optimizer.step()
+                coef = torch.clamp(clip_grad_norm / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef)
+                norm = norm * coef
+            with stepping(optimizer, self, norm):  # LookSAM's off step reuses this norm: no extra reduction
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .looksam import LookSAM
 from .sam import SAM
 from .variants import ASAM, USAM
 
@@ -19,7 +20,7 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
 }
 
-_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM}
+_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM, "looksam": LookSAM}
 
 
 def register_optimizer(name: str, factory: Callable[..., SAM]) -> None:
@@ -38,10 +39,11 @@ def create_optimizer(
     """Build a SAM-family optimizer by name.
 
     Args:
-        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``).
+        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``, ``looksam``).
         params: parameters or param-group dicts.
         base: base optimizer, a name in ``BASE_OPTIMIZERS`` or an optimizer class.
-        **kwargs: SAM options (``rho``, ``interval``, RW-SAM's ``lam``...) and the base
+        **kwargs: SAM options (``rho``, ``interval``, RW-SAM's ``lam``, LookSAM's ``k``, ``alpha``,
+            ``warmup``...) and the base
             optimizer's options (``lr``, ``momentum``, ``weight_decay``...).
 
     Example:

@@ -71,10 +71,8 @@ class SAM(torch.optim.Optimizer):
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
-                raise ValueError(
-                    f"base_kwargs {sorted(base_kwargs)} are only accepted with an optimizer class; "
-                    "base_optimizer is already an instance"
-                )
+                raise ValueError(f"base_kwargs {sorted(base_kwargs)} are only accepted with an optimizer class; "
+                                 "base_optimizer is already an instance")
             own = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
             if params is not None:
                 given = list(params)
@@ -89,9 +87,7 @@ class SAM(torch.optim.Optimizer):
             super().__init__(params, defaults)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         else:
-            raise ValueError(
-                f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}"
-            )
+            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
         self._share_groups()
         self.interval = interval
         self.num_steps = 0  # optimizer steps taken (SAM or plain); drives `interval`
@@ -261,7 +257,7 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    # -- hooks used by sam_step; RW-SAM overrides them ----------------------------------------
+    # -- hooks of the step core (dist_sam.core); RW-SAM and LookSAM override them --------------
     def ascent_context(self, module: torch.nn.Module, *, capture=None) -> contextlib.AbstractContextManager:
         """Context entered around the ascent forward (RW-SAM captures features in it): ``module`` is
         the user's eager module, ``capture`` the engine's way to record a layer (``StepEngine.capture``)."""
@@ -270,6 +266,16 @@ class SAM(torch.optim.Optimizer):
     def ascent_loss(self, losses: torch.Tensor, **context: Any) -> torch.Tensor:
         """The ascent objective from per-sample losses ``f_i(w)``: their mean for SAM."""
         return losses.mean()
+
+    def observe_ascent(self, grads: Sequence[torch.Tensor | None], num_groups: int) -> None:
+        """Sees each ascent group's gradient at ``w`` before :meth:`perturb` (LookSAM sums them)."""
+
+    def ascent_finished(self, engine: Any) -> None:
+        """Called once the step's groups are done, before the base step (LookSAM syncs its ``g``)."""
+
+    def stepping_with(self, engine: Any, grad_norm: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
+        """Context around the engine's base step; ``grad_norm``: ``||g||`` if the engine took it."""
+        return contextlib.nullcontext()
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

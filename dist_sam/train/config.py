@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ..config import RWSAM_FIELDS, SamConfig
+from ..config import SamConfig, foreign_fields
 from ..data import DataConfig
 from ..distributed.fsdp import FSDP_MEMORY
 from .models import MODELS
@@ -294,11 +294,11 @@ def _section(name: str, cls: type, values: Any) -> Any:
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as plain nested dicts (YAML- and checkpoint-safe); RW-SAM-only keys are
-    left out of other variants' ``sam`` section, so the file loads back without warnings."""
+    """The resolved config as plain nested dicts (YAML- and checkpoint-safe); RW-SAM's and LookSAM's own
+    keys are left out of other variants' ``sam`` section, so the file loads back without warnings."""
     tree = dataclasses.asdict(cfg)
-    if tree["sam"] is not None and tree["sam"]["variant"] != "rwsam":
-        tree["sam"] = {k: v for k, v in tree["sam"].items() if k not in RWSAM_FIELDS}
+    if tree["sam"] is not None:
+        tree["sam"] = {k: v for k, v in tree["sam"].items() if k not in foreign_fields(tree["sam"]["variant"])}
     return tree
 
 

@@ -34,9 +34,11 @@ class CheckpointMixin:
     """Saving and resuming for :class:`dist_sam.train.loop.Trainer` (which sets the attributes used here)."""
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: the RNG states and RW-SAM's per-rank calibrated ``mu``."""
+        """What differs between ranks: the RNG states, RW-SAM's per-rank calibrated ``mu`` and, under
+        FSDP2, LookSAM's ``g_v`` (kept in the gradient's shards)."""
         optimizer = self.optimizer.state_dict()
-        return {"rng": rng_state(), "optimizer": {k: optimizer[k] for k in RANK_LOCAL_OPTIMIZER_KEYS if k in optimizer}}
+        keys = RANK_LOCAL_OPTIMIZER_KEYS + (("looksam",) if self.sharded else ())
+        return {"rng": rng_state(), "optimizer": {k: optimizer[k] for k in keys if k in optimizer}}
 
     def position(self) -> dict[str, Any]:
         """Where training stands (rank-independent): epoch, step, data position, batch plan, eval history."""
@@ -59,7 +61,8 @@ class CheckpointMixin:
 
     def sharded_payload(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         """Rank 0's part of an FSDP2 checkpoint: everything but the model and base-optimizer shards."""
-        optimizer = {k: v for k, v in self.optimizer.state_dict().items() if k not in ("state", "param_groups")}
+        optimizer = {k: v for k, v in self.optimizer.state_dict().items()
+                     if k not in ("state", "param_groups", "looksam")}  # LookSAM's shards: per rank
         return {**self.position(), "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": None, "per_rank": per_rank}
 
@@ -102,7 +105,10 @@ class CheckpointMixin:
             from .sharded import load_sharded
 
             load_sharded(self.model, self.optimizer.base_optimizer, self.resumed_from)
-            self.optimizer.load_state_dict({**self.optimizer.state_dict(), **state["optimizer"], **mu_from["optimizer"]})
+            merged = {**self.optimizer.state_dict(), **state["optimizer"], **mu_from["optimizer"]}
+            if saved.world_size != self.plan.world_size:
+                merged.pop("looksam", None)  # its shards do not fit the new sharding: the next look step rebuilds it
+            self.optimizer.load_state_dict(merged)
         else:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict({**state["optimizer"], **mu_from["optimizer"]})
