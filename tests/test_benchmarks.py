@@ -179,6 +179,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert set(result["throughput_eager"]["variants"]) == set(gpu_check.VARIANTS)
     assert {"sam-local/sgd", "rwsam-fd/sam-local", "rwsam-last_layer/sam-local", "msam-b/4-vmap/msam-b/4"} <= set(result["throughput_eager"]["ratios"])
     assert result["throughput_compiled"]["config"]["compile"] is True
+    # the cheaper steps against SAM-local, at the GPU's batch over m (DRY: b = 8, m = 2, so b/4)
+    assert result["looksam"]["ok"] and {"looksam-k5/sam-local", "looksam-off/sgd"} <= set(result["looksam"]["ratios"])
+    assert result["look_msam"]["ok"] and set(result["look_msam"]["variants"]) == {"sgd", "sam-local", "looksam-b/4-k5"}
+    assert result["msam_vmap"]["ok"] and "vmap/sequential" in result["msam_vmap"]["ratios"]
+    assert result["looksam"]["config"]["batch_size"] == gpu_check.DRY["sam_batch"]
     assert set(result["throughput_compiled_rwsam"]["variants"]) == {"sgd", "rwsam-fd", "rwsam-last_layer"}
     fp16 = result["fp16_scaler"]
     assert fp16["ok"] and fp16["inf_step_skipped"] and fp16["scale_after_inf"] < fp16["scale_before_inf"]
