@@ -282,3 +282,32 @@ def test_a_parameter_without_gradient_is_left_alone():
     assert torch.equal(model.unused, torch.ones(3, dtype=torch.float64)) and opt.g_v[where[0]] is None
     for a, b in zip([p for p in model.parameters() if p is not model.unused], ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_trainer_resume_with_looksam_is_bit_exact(tmp_path):
+    """The trainer (world size 1) stopped right after a look step and resumed: the off steps after
+    it need the checkpointed g_v to land on the uninterrupted run's weights."""
+    import os
+
+    from dist_sam.train import cli
+    from test_train_run import assert_bit_equal, make_tiny_dataset, tiny_config, weights
+
+    import yaml
+
+    data = make_tiny_dataset(str(tmp_path / "tiny"))
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for out in (straight, split):
+            cfg = tiny_config(str(tmp_path / f"{os.path.basename(out)}.yaml"), data, out, run__epochs=1)
+            tree = yaml.safe_load(open(cfg))
+            tree["sam"] = {"variant": "looksam", "rho": 0.05, "k": 3, "alpha": 0.5}
+            yaml.safe_dump(tree, open(cfg, "w"))
+            if out == split:
+                assert cli.main(["--config", cfg, "run.stop_at_step=4"]) == 0  # look steps at 0 and 3
+            assert cli.main(["--config", cfg]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    assert_bit_equal(weights(straight), weights(split))

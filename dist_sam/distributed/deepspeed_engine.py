@@ -118,12 +118,13 @@ class DeepSpeedStepEngine(StepEngine):
             return wide
         flat, part = zero.bit16_groups_flat[0], zero.parallel_partitioned_bit16_groups[0][collectives.rank()]
         start, size, item = (part.data_ptr() - flat.data_ptr()) // flat.element_size(), part.numel(), flat.element_size()
-        out = torch.zeros(size, dtype=zero.single_partition_of_fp32_groups[0].dtype, device=part.device)
+        master = zero.single_partition_of_fp32_groups[0]  # where the base optimizer's gradient lives (CPU offload too)
+        out = torch.zeros(size, dtype=master.dtype, device=master.device)
         for p, t in zip(self.params, wide):  # each parameter's data is a view into the group's flat buffer
             off = (p.data_ptr() - flat.data_ptr()) // item
             lo, hi = max(off, start), min(off + p.numel(), start + size)
-            if lo < hi:
-                out[lo - start:hi - start] = t.reshape(-1)[lo - off:hi - off]
+            if lo < hi and t.numel() == p.numel():  # an unused parameter's empty placeholder: zeros
+                out[lo - start:hi - start] = t.reshape(-1)[lo - off:hi - off].to(out.device)
         return [out]
 
     def sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
