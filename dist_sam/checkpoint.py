@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any, Iterable, Mapping
 
@@ -65,21 +66,23 @@ class CheckpointWriteError(RuntimeError):
                          "previous checkpoints are intact and the next run resumes from the newest of them")
 
 
-#: Testing aid, first attempt only: ``"RANK:ERRNO"`` (``"0:ENOSPC"``) makes every checkpoint file
-#: write of that rank fail with that OS error, as a full disk or a broken mount would.
+#: Testing aid, first attempt only: ``"RANK:ERRNO:STEP"`` (``"0:ENOSPC:4"``) makes the checkpoint
+#: file writes of that rank fail with that OS error from global step STEP on, as a full disk would.
 WRITE_FAULT_ENV = "DIST_SAM_CHECKPOINT_FAULT"
 
 
-def injected_fault(rank: int) -> int | None:
-    """The errno :data:`WRITE_FAULT_ENV` injects into ``rank``'s checkpoint writes, or ``None``."""
+def injected_fault(rank: int, step: int) -> int | None:
+    """The errno :data:`WRITE_FAULT_ENV` injects into ``rank``'s checkpoint writes at ``step``, or ``None``."""
     spec = os.environ.get(WRITE_FAULT_ENV, "").split(":")
-    if len(spec) != 2 or spec[0] != str(rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if len(spec) != 3 or spec[0] != str(rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
-    return getattr(errno, spec[1])
+    return getattr(errno, spec[1]) if step >= int(spec[2]) else None
 
 
-def _fault_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _fault(staging: str) -> int | None:
+    """:func:`injected_fault` for a file written into ``staging`` (its name holds the step)."""
+    found = re.fullmatch(r"\.step_(\d+)\.partial", os.path.basename(staging))
+    return injected_fault(int(os.environ.get("RANK", "0")), int(found.group(1))) if found else None
 
 
 def _fsync_dir(directory: str) -> None:
@@ -135,16 +138,22 @@ def write_file(staging: str, name: str, obj: Any) -> dict[str, Any]:
     Raises:
         OSError: the write failed (the OS's error, even where ``torch.save`` wraps it).
     """
-    with open(os.path.join(staging, name), "wb") as fh:
-        writer = _HashingWriter(fh, injected_fault(_fault_rank()))
-        try:
-            torch.save(obj, writer)
-        except Exception as err:  # noqa: BLE001 -- torch.save's own error for a failed write hides the OS's
-            if writer.error is not None and writer.error is not err:
-                raise writer.error from err
+    file = os.path.join(staging, name)
+    try:
+        with open(file, "wb") as fh:
+            writer = _HashingWriter(fh, _fault(staging))
+            try:
+                torch.save(obj, writer)
+            except Exception as err:  # noqa: BLE001 -- torch.save's own error for a failed write hides the OS's
+                if writer.error is not None and writer.error is not err:
+                    raise writer.error from err
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # a failed write(), flush or close names no file: name it
+        if err.filename:
             raise
-        fh.flush()
-        os.fsync(fh.fileno())
+        raise OSError(err.errno, err.strerror, file) from err
     return {"bytes": writer.size, "sha256": writer.sha.hexdigest()}
 
 
@@ -171,10 +180,14 @@ def commit_checkpoint(staging: str, directory: str, step: int, files: Mapping[st
     manifest = {"format": FORMAT, "step": step, "payload": PAYLOAD if PAYLOAD in files else None,
                 "files": {name: dict(rec) for name, rec in files.items()},
                 "verify": {"required": list(required), "finite": list(finite)}, "meta": dict(meta or {})}
-    with open(os.path.join(staging, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    file = os.path.join(staging, MANIFEST)
+    try:
+        with open(file, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # as in write_file: name the file the OS did not
+        raise err if err.filename else OSError(err.errno, err.strerror, file) from err
     _fsync_dir(staging)
     final = step_dir(directory, step)
     if os.path.exists(final):  # the same step saved again (mid-epoch, then at the epoch's end)

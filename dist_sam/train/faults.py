@@ -44,30 +44,31 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _os_error(err: BaseException) -> OSError | None:
-    """The OS error behind ``err``: itself, its cause or context, or (DCP) a rank's wrapped failure."""
+def _os_error(err: BaseException, rank: int) -> tuple[int, OSError | None]:
+    """The OS error behind ``err`` (itself, its cause or context, or a rank's wrapped DCP failure)
+    and the rank it happened on."""
     seen: set[int] = set()
-    stack = [err]
+    stack = [(rank, err)]
     while stack:
-        e = stack.pop()
+        where, e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, OSError):
-            return e
-        stack += [e.__cause__, e.__context__]
-        stack += [pair[0] for pair in getattr(e, "failures", {}).values()]  # DCP's CheckpointException
-    return None
+            return where, e
+        stack += [(where, e.__cause__), (where, e.__context__)]
+        stack += [(r, pair[0]) for r, pair in getattr(e, "failures", {}).items()]  # DCP's CheckpointException
+    return rank, None
 
 
 def write_failure(err: BaseException, path: str) -> WriteFailure:
-    """This rank's failure record: the file the OS named (else ``path``) and the OS error."""
-    found = _os_error(err)
+    """The failure record: the rank, the file the OS named (else ``path``) and the OS error."""
+    rank, found = _os_error(err, _rank())
     if found is None:
-        return _rank(), path, f"{type(err).__name__}: {str(err).strip()[:300]}"
+        return rank, path, f"{type(err).__name__}: {str(err).strip()[:300]}"
     code = errno.errorcode.get(found.errno, "") if found.errno else ""
     cause = f"{code} [Errno {found.errno}] {found.strerror}" if found.errno else f"{type(found).__name__}: {found}"
-    return _rank(), str(found.filename or path), cause
+    return rank, str(found.filename or path), cause
 
 
 def attempt_write(write: Callable[[], Any], path: str) -> tuple[Any, WriteFailure | None]:

@@ -63,18 +63,20 @@ class _FaultyFileSystem(FileSystem):
         return super().create_stream(path, mode)
 
 
-def _storage_writer(path: str, rank: int) -> FileSystemWriter:
+def _storage_writer(path: str, rank: int, step: int) -> FileSystemWriter:
     writer = FileSystemWriter(path)
-    fault = injected_fault(rank)
+    fault = injected_fault(rank, step)
     if fault is not None:
         writer.fs = _FaultyFileSystem(fault, rank)
     return writer
 
 
-def _write_shards(model: nn.Module, base_optimizer: torch.optim.Optimizer, staging: str, rank: int) -> dict[str, Any]:
+def _write_shards(model: nn.Module, base_optimizer: torch.optim.Optimizer, staging: str, rank: int,
+                  step: int) -> dict[str, Any]:
     """DCP-save this rank's shards into ``staging/dcp``; the manifest records of the files it wrote."""
     model_sd, optim_sd = get_state_dict(model, base_optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=_storage_writer(os.path.join(staging, DCP_DIR), rank))
+    writer = _storage_writer(os.path.join(staging, DCP_DIR), rank, step)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
     return {os.path.relpath(f, staging): describe_file(f) for f in glob.glob(os.path.join(staging, DCP_DIR, f"__{rank}_*"))}
 
 
@@ -89,7 +91,7 @@ def save_sharded(model: nn.Module, base_optimizer: torch.optim.Optimizer, payloa
     staging = staging_dir(directory, step)
     failure = attempt_write(lambda: begin_checkpoint(directory, step), directory)[1] if rank == 0 else None
     agree_on_write(failure, step)
-    mine, failure = attempt_write(lambda: _write_shards(model, base_optimizer, staging, rank), staging)
+    mine, failure = attempt_write(lambda: _write_shards(model, base_optimizer, staging, rank, step), staging)
     files: dict[str, Any] = {}
     try:
         gathered = _gather((mine, failure))

@@ -1,0 +1,142 @@
+"""Faults that stop every rank, named (dist_sam.train.faults): a failed checkpoint write.
+
+What each test exercises:
+
+* ``ulimit -f`` (``RLIMIT_FSIZE`` on both workers, world size 2, DDP): a real ``EFBIG`` from the
+  kernel in rank 0's ``torch.save`` of the step-4 checkpoint, while rank 1 waits for it.
+* a read-only checkpoint directory (mode 0555; the tests run as root, so the worker runs without
+  ``CAP_DAC_OVERRIDE``, dropped from its capability bounding set, and the kernel refuses with a
+  real ``EACCES`` when the staging directory is created).
+* ``ENOSPC`` and ``EIO`` injected into the payload write (``DIST_SAM_CHECKPOINT_FAULT``), one process.
+* ``ENOSPC`` injected into rank 1's DCP shard write under FSDP2 (world size 2): the failure
+  crosses DCP's own gather and the trainer's agreement.
+
+Each checks the exit status (74 on every rank, not the preemption's 75), the message (path and OS
+error), that the previous checkpoint still loads, and (where cheap) that the next launch resumes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_sam.checkpoint import PAYLOAD, list_checkpoints, load_checkpoint, verify_checkpoint
+from dist_sam.train import cli
+from dist_sam.train.faults import CHECKPOINT_WRITE_EXIT
+from dist_utils import free_port
+from test_train_run import REPO, TRAIN, tiny_config, tiny_data, worker_env  # noqa: F401 (a fixture)
+
+SGD = dict(sam__all=None, checkpoint__every_steps=2, checkpoint__keep_last=3)
+
+
+def launch(cfg: str, *overrides: str, world_size: int = 2, env: dict | None = None, preexec=None,
+           timeout: float = 180) -> tuple[list[int], list[str], float]:
+    """Start the workers without torchrun (each rank's own exit status); ``(statuses, logs, seconds)``."""
+    port, start = str(free_port()), time.monotonic()
+    base = worker_env(**(env or {}))
+    if world_size > 1:
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(world_size))
+    procs = [subprocess.Popen([sys.executable, TRAIN, "--config", cfg, *overrides], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec,
+                              env={**base, **({"RANK": str(r), "LOCAL_RANK": str(r)} if world_size > 1 else {})})
+             for r in range(world_size)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], logs, time.monotonic() - start
+
+
+def _names(out: str) -> list[str]:
+    return [os.path.basename(p) for p in list_checkpoints(os.path.join(out, "checkpoints"))]
+
+
+def _no_partial(out: str) -> bool:
+    return not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith(".partial")]
+
+
+@pytest.mark.slow
+def test_file_size_limit_stops_every_rank_with_74_and_the_next_launch_resumes(tiny_data, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, **SGD)
+    codes, logs, _ = launch(cfg, "run.stop_at_step=2")
+    assert codes == [0, 0], logs[0][-3000:]
+    size = os.path.getsize(os.path.join(out, "checkpoints", "step_000000002", PAYLOAD))
+
+    def limit():  # what a full disk looks like to the writer: write() fails with EFBIG past the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))  # Python ignores SIGXFSZ
+
+    codes, logs, seconds = launch(cfg, preexec=limit)
+    assert codes == [CHECKPOINT_WRITE_EXIT] * 2 and seconds < 60, (codes, seconds, logs[0][-3000:], logs[1][-3000:])
+    for log in logs:  # every rank names the failing rank, the file and the OS error; no traceback
+        assert "writing the checkpoint of step 3 failed on rank 0" in log, log[-3000:]  # the epoch's end
+        assert f"{os.path.join(out, 'checkpoints', '.step_000000003.partial', PAYLOAD)}: EFBIG [Errno 27] File too large" in log
+        assert "Traceback" not in log
+    assert _names(out) == ["step_000000002"] and _no_partial(out)
+    load_checkpoint(os.path.join(out, "checkpoints", "step_000000002"))
+    codes, logs, _ = launch(cfg, "run.stop_at_step=4")
+    assert codes == [0, 0], logs[0][-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["global_step"] == 4 and summary["resumed_from"].endswith("step_000000002")
+
+
+def _drop_dac_override() -> None:
+    """Without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (bounding set, before exec), root obeys mode bits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_read_only_checkpoint_directory_exits_74_naming_it(tiny_data, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, **SGD)
+    assert cli.main(["--config", cfg, "run.stop_at_step=2"]) == 0
+    ckpt = os.path.join(out, "checkpoints")
+    os.chmod(ckpt, 0o555)
+    try:
+        codes, logs, _ = launch(cfg, world_size=1, preexec=_drop_dac_override if os.geteuid() == 0 else None)
+    finally:
+        os.chmod(ckpt, 0o755)
+    assert codes == [CHECKPOINT_WRITE_EXIT], logs[0][-3000:]
+    assert f"{os.path.join(ckpt, '.step_000000004.partial')}: EACCES [Errno 13] Permission denied" in logs[0]
+    assert "writing the checkpoint of step 4 failed" in logs[0] and "Traceback" not in logs[0]
+    assert _names(out) == ["step_000000002"]
+    load_checkpoint(os.path.join(ckpt, "step_000000002"))
+
+
+@pytest.mark.parametrize("code,text", [("ENOSPC", "No space left on device"), ("EIO", "Input/output error")])
+def test_injected_write_error_exits_74_and_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                        code, text):
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, **SGD)
+    monkeypatch.setenv("DIST_SAM_CHECKPOINT_FAULT", f"0:{code}:4")
+    assert cli.main(["--config", cfg]) == CHECKPOINT_WRITE_EXIT
+    err = capsys.readouterr().err
+    assert f".step_000000004.partial/{PAYLOAD}: {code} [Errno" in err and text in err and "failed on rank" not in err
+    assert _names(out) == ["step_000000002"] and _no_partial(out)
+    monkeypatch.delenv("DIST_SAM_CHECKPOINT_FAULT")
+    if code == "ENOSPC":
+        assert cli.main(["--config", cfg]) == 0
+        assert json.load(open(os.path.join(out, "summary.json")))["resumed_from"].endswith("step_000000002")
+
+
+@pytest.mark.slow
+def test_dcp_shard_write_failure_on_rank_1_stops_both_ranks(tiny_data, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, model__parallel="fsdp", **SGD)
+    codes, logs, seconds = launch(cfg, "run.stop_at_step=4", env={"DIST_SAM_CHECKPOINT_FAULT": "1:ENOSPC:3"})
+    assert codes == [CHECKPOINT_WRITE_EXIT] * 2 and seconds < 60, (codes, logs[0][-3000:], logs[1][-3000:])
+    shard = os.path.join(out, "checkpoints", ".step_000000003.partial", "dcp", "__1_0.distcp")
+    for log in logs:
+        assert f"writing the checkpoint of step 3 failed on rank 1: {shard}: ENOSPC [Errno 28]" in log, log[-3000:]
+    assert _names(out) == ["step_000000002"] and _no_partial(out)
+    assert "dcp/__1_0.distcp" in verify_checkpoint(os.path.join(out, "checkpoints", "step_000000002"))["files"]
