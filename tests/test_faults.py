@@ -140,3 +140,24 @@ def test_dcp_shard_write_failure_on_rank_1_stops_both_ranks(tiny_data, tmp_path)
         assert f"writing the checkpoint of step 3 failed on rank 1: {shard}: ENOSPC [Errno 28]" in log, log[-3000:]
     assert _names(out) == ["step_000000002"] and _no_partial(out)
     assert "dcp/__1_0.distcp" in verify_checkpoint(os.path.join(out, "checkpoints", "step_000000002"))["files"]
+
+
+@pytest.mark.parametrize("status", [74, 69, 65])
+def test_sbatch_does_not_requeue_a_fault_even_after_the_time_limit_signal(tmp_path, status):
+    from test_train_resume import _fake_slurm
+
+    env, log = _fake_slurm(tmp_path)
+    (tmp_path / "bin" / "srun").write_text('#!/usr/bin/env bash\necho "srun $*" >> "$FAKE_LOG"\n'
+                                           f"trap 'exit {status}' TERM\nwhile true; do sleep 0.05; done\n")
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "slurm.sbatch")], env=env, text=True,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if log.exists() and "srun" in log.read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(__import__("signal").SIGUSR1)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == status and "requeue" not in log.read_text()
