@@ -161,3 +161,81 @@ def test_sbatch_does_not_requeue_a_fault_even_after_the_time_limit_signal(tmp_pa
     finally:
         proc.kill()
     assert proc.returncode == status and "requeue" not in log.read_text()
+
+
+# -- a peer that stops answering --------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (torchrun puts each worker in a session of its own)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _workers(pid: int) -> list[int]:
+    return [p for p in _children(pid) if TRAIN in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+            and "torch.distributed.run" not in open(f"/proc/{p}/cmdline").read()]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_times_the_other_out_named_and_torchrun_restarts_from_the_checkpoint(tiny_data, tmp_path):
+    """Rank 1 SIGSTOPs itself with step 3's batch in hand (first attempt); rank 0, blocked in step 3's
+    gradient all-reduce, gets SIGTERM there too, and still ends within the 20 s timeout, named, 69."""
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, **SGD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "--monitor-interval=0.5", TRAIN, "--config", cfg, "--collective-timeout-s", "20", "run.stop_at_step=4"]
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(DIST_SAM_SIGNAL_AT_STEP="1:3:SIGSTOP"), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        stopped = _wait(lambda: [p for p in _workers(proc.pid) if _state(p) == "T"], 120, "rank 1 to stop")[0]
+        start = time.monotonic()
+        other = [p for p in _workers(proc.pid) if p != stopped]
+        time.sleep(2)
+        os.kill(other[0], __import__("signal").SIGTERM)  # caught: the step in flight cannot finish
+        _wait(lambda: _state(other[0]) in ("gone", "Z"), 60, "rank 0 to exit")
+        waited = time.monotonic() - start
+        # torchrun's SIGTERM to the stopped rank is pending: let it act (else torchrun waits 30 s to SIGKILL)
+        os.kill(stopped, __import__("signal").SIGCONT)
+        assert proc.wait(timeout=180) == 0
+    finally:
+        for pid in _children(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    log.seek(0)
+    text = log.read()
+    assert waited < 20 + 10, (waited, text[-4000:])
+    assert ("rank 0: a collective timed out after run.collective_timeout_s=20 s during global step 3; rank 1 did "
+            "not answer") in text, text[-4000:]
+    assert "exitcode: 69" in text or "exitcode  : 69" in text, text[-4000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["global_step"] == 4 and summary["resumed_from"].endswith("step_000000002")
