@@ -30,6 +30,7 @@ import pytest
 from dist_sam.checkpoint import PAYLOAD, list_checkpoints, load_checkpoint, verify_checkpoint
 from dist_sam.train import cli
 from dist_sam.train.faults import CHECKPOINT_WRITE_EXIT
+from dist_sam.train.models import build_model
 from dist_utils import free_port
 from test_train_run import REPO, TRAIN, tiny_config, tiny_data, worker_env  # noqa: F401 (a fixture)
 
@@ -239,3 +240,43 @@ def test_a_stopped_rank_times_the_other_out_named_and_torchrun_restarts_from_the
     assert "exitcode: 69" in text or "exitcode  : 69" in text, text[-4000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["global_step"] == 4 and summary["resumed_from"].endswith("step_000000002")
+
+
+# -- non-finite storms -----------------------------------------------------------------------------
+SAM_ONLY = dict(sam__variant="sam", sam__lam=None, sam__mu=None, checkpoint__every_steps=2, checkpoint__keep_last=3)
+
+
+def _sam_config(path, data, out, **overrides):
+    import yaml
+
+    cfg = tiny_config(path, data, out, **{**SAM_ONLY, **overrides})
+    tree = yaml.safe_load(open(cfg))
+    tree["sam"] = {k: v for k, v in tree["sam"].items() if v is not None}
+    yaml.safe_dump(tree, open(cfg, "w"))
+    return cfg
+
+
+@pytest.mark.slow
+def test_nan_ascent_losses_on_rank_1_stop_both_ranks_after_max_skipped_steps(tiny_data, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = _sam_config(str(tmp_path / "c.yaml"), tiny_data, out, run__max_skipped_steps=2)
+    codes, logs, _ = launch(cfg, env={"DIST_SAM_NAN_LOSS": "1:3:ascent"})
+    assert codes == [65, 65], (codes, logs[0][-3000:], logs[1][-3000:])
+    for log in logs:
+        assert ("2 non-finite steps in a row (run.max_skipped_steps=2), the last at global step 4: the ascent pass "
+                "(non-finite on rank(s) [1]) overflowed; no loss scaling") in log, log[-3000:]
+    # step 3 (skipped, the epoch's end) was checkpointed with the untouched, finite weights; nothing after
+    assert _names(out) == ["step_000000002", "step_000000003"]
+    two, three = (load_checkpoint(os.path.join(out, "checkpoints", n))["model"] for n in _names(out))
+    params = [n for n, _ in build_model("small_cnn", num_classes=4).named_parameters()]  # BN statistics move
+    assert params and all(two[k].equal(three[k]) for k in params)
+
+
+def test_nan_descent_losses_name_the_descent_pass(tiny_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    cfg = _sam_config(str(tmp_path / "c.yaml"), tiny_data, out, run__max_skipped_steps=3)
+    monkeypatch.setenv("DIST_SAM_NAN_LOSS", "0:2:descent")
+    assert cli.main(["--config", cfg]) == 65
+    err = capsys.readouterr().err
+    assert "3 non-finite steps in a row (run.max_skipped_steps=3), the last at global step 4: the descent pass" in err
+    assert _names(out) == ["step_000000002"]  # step 2 (skipped: weights untouched) saved; step 4 raised first
