@@ -280,3 +280,25 @@ def test_nan_descent_losses_name_the_descent_pass(tiny_data, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "3 non-finite steps in a row (run.max_skipped_steps=3), the last at global step 4: the descent pass" in err
     assert _names(out) == ["step_000000002"]  # step 2 (skipped: weights untouched) saved; step 4 raised first
+
+
+# -- world-size changes under micro ascent (plan) ----------------------------------------------------
+def _micro(*overrides):
+    from dist_sam.train.config import load_config
+
+    return load_config(None, ["data.root=/nonexistent", "sam.variant=sam", "sam.ascent=micro",
+                              "sam.micro_batch_size=32", *overrides])
+
+
+def test_micro_ascent_replans_by_micro_batch_size_both_ways():
+    from dist_sam.train.plan import BatchPlan, replan, working_sizes
+
+    cfg = _micro()
+    assert replan(BatchPlan(1, 64, 1), 2, cfg, "p") == BatchPlan(2, 32, 1)  # the issue's 1 -> 2: m = 32 kept
+    assert replan(BatchPlan(2, 32, 1), 1, cfg, "p") == BatchPlan(1, 64, 2)  # shrink: f = 32 still divides b'
+    assert replan(BatchPlan(1, 128, 2), 4, cfg, "p") == BatchPlan(4, 32, 1)
+    assert working_sizes(BatchPlan(1, 64, 1), cfg) == [1, 2]
+    with pytest.raises(ValueError, match=r"64, 32 samples per micro-batch.*world size 4 cannot keep both.*among 1, 2 "
+                                         r"\(divisors of 2 = global batch / micro_batch_size\)"):
+        replan(BatchPlan(1, 64, 1), 4, cfg, "p")
+    assert working_sizes(BatchPlan(2, 32, 1), _micro("sam.ascent=global")) == [2]
