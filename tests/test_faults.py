@@ -322,3 +322,34 @@ def test_micro_ascent_grows_1_to_2_and_matches_the_uninterrupted_run(tiny_data, 
     diff = max((a[n].double() - b[n].double()).abs().max().item() for n in params)
     print(f"\nmicro 1 -> 2: max |w_straight - w_grown| over parameters = {diff:.3g}")
     assert diff <= 1e-5  # fp32 reduction order (the DDP average of 2 groups vs their sum on one worker)
+
+
+# -- the collective timeout reaches init_process_group --------------------------------------------
+def test_collective_timeout_reaches_init_process_group_from_config_and_flag(monkeypatch, tmp_path):
+    """Every launcher (env, mpi, --deepspeed) joins through init_distributed, which cli calls with the timeout."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dist_sam.distributed import launch as launch_mod
+
+    seen = {}
+
+    def stop(**kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)  # only the handshake is under test
+
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: stop(**kwargs))
+    monkeypatch.setattr(launch_mod, "_store", lambda addr, port, env, timeout: seen.update(store_timeout=timeout))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit):
+        launch_mod.init_distributed("env", timeout_s=20.0, always=True)
+    assert seen["timeout"] == seen["store_timeout"] == datetime.timedelta(seconds=20)
+    monkeypatch.setattr(cli, "init_distributed", lambda launcher, timeout_s, always: stop(timeout_s=timeout_s))
+    cfg = tiny_config(str(tmp_path / "c.yaml"), str(tmp_path), str(tmp_path / "out"))
+    for argv, expect in (([], 600.0), (["run.collective_timeout_s=45"], 45.0), (["--collective-timeout-s", "20"], 20.0)):
+        with pytest.raises(SystemExit):
+            cli.main(["--config", cfg, *argv])
+        assert seen["timeout_s"] == expect
+    assert cli.main(["--config", cfg, "run.collective_timeout_s=0"]) == 2  # refused, naming the key
