@@ -353,3 +353,16 @@ def test_collective_timeout_reaches_init_process_group_from_config_and_flag(monk
             cli.main(["--config", cfg, *argv])
         assert seen["timeout_s"] == expect
     assert cli.main(["--config", cfg, "run.collective_timeout_s=0"]) == 2  # refused, naming the key
+
+
+@pytest.mark.slow
+def test_a_rank_dying_outside_torchrun_stops_the_other_at_once_named(tiny_data, tmp_path):
+    """Rank 1 SIGKILLs itself after step 3 (no torchrun to notice); rank 0's next collective (the stop
+    agreement) fails at once, not after the 600 s timeout, and it exits 69 naming the step."""
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), tiny_data, out, **SGD)
+    codes, logs, seconds = launch(cfg, env={"DIST_SAM_FAULT_AT_STEP": "1:3"}, timeout=120)
+    assert codes == [69, -9], (codes, logs[0][-3000:])
+    assert "a collective lost its peer (it closed the connection: died or was killed) after global step 3; rank 1 " \
+           "did not answer" in logs[0], logs[0][-3000:]
+    assert seconds < 90  # start-up included; the default timeout is 600 s
