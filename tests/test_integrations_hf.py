@@ -1,0 +1,202 @@
+"""dist_sam.integrations.hf.SAMTrainer: Trainer's step is dist-sam's step, plain and DDP.
+
+The reference is written here, independently of the integration: the same tiny random-init
+DistilBERT behind a module taking one tensor, ``torch.nn.parallel.DistributedDataParallel`` and
+``dist_sam.sam_step(..., accumulation_steps=k)`` on the very batches Trainer handed to each rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs: nothing is downloaded
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import dist_sam  # noqa: E402
+from dist_sam.config import SamConfig  # noqa: E402
+from dist_sam.integrations.hf import Batch, SAMTrainer, SAMTrainingArguments  # noqa: E402
+from dist_utils import run_distributed  # noqa: E402
+
+SEQ, VOCAB, CLASSES = 8, 64, 3
+
+
+def tiny_distilbert(seed: int = 0) -> nn.Module:
+    """A random-init DistilBERT sequence classifier: dim 32, 2 layers, 2 heads, no dropout."""
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                           max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
+                                           seq_classif_dropout=0.0, num_labels=CLASSES)
+    torch.manual_seed(seed)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences, some padded (attention_mask 0), with random labels."""
+
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        self.mask = torch.ones(n, SEQ, dtype=torch.long)
+        self.mask[::3, SEQ - 3:] = 0
+        self.labels = torch.randint(0, CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+class Stacked(nn.Module):
+    """The reference's model: one tensor ``(b, 2, SEQ)`` of ids and mask in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+
+def stack(batch: dict) -> torch.Tensor:
+    return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1)
+
+
+def make_args(out: str, **overrides) -> SAMTrainingArguments:
+    kwargs = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                  learning_rate=1e-3, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
+                  use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                  dataloader_num_workers=0, disable_tqdm=True)
+    kwargs.update(overrides)
+    return SAMTrainingArguments(**kwargs)
+
+
+def recording(cls):
+    """``cls`` (a Trainer) that keeps the batches it trains on and counts DDP's gradient all-reduces."""
+
+    class Recorded(cls):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if not hasattr(self, "batches"):
+                self.batches = []
+                ddp = dist_sam.distributed.ddp.ddp_of(model)
+                self.counter = dist_sam.distributed.CommCounter.attach(model) if ddp is not None else None
+            self.batches.append({k: v.clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Recorded
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool) -> tuple[torch.Tensor, int, int]:
+    """dist-sam's own step on Trainer's batches: ``sam_step`` over each window of ``k`` micro-batches."""
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    wrapped = Stacked(model)
+    counter = None
+    if ddp:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped)
+        counter = dist_sam.distributed.CommCounter.attach(wrapped)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = dist_sam.create_optimizer(sam.variant, None, base=base, **sam.optimizer_kwargs())
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    for start in range(0, len(batches), k):
+        window = batches[start:start + k]
+        x = torch.cat([stack(b) for b in window])
+        y = torch.cat([b["labels"] for b in window])
+        dist_sam.sam_step(wrapped, opt, loss_fn, x, y, accumulation_steps=k, clip_grad_norm=1.0, **sam.step_kwargs())
+    return flat(model), (counter.calls if counter else 0), (counter.bytes if counter else 0)
+
+
+def ascent_norm(init: dict, batch: dict) -> float:
+    """``||∇ mean_i f_i(w)||`` of one micro-batch at ``w`` (SAM's local ascent gradient)."""
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    loss = nn.functional.cross_entropy(Stacked(model)(stack(batch)), batch["labels"])
+    return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])).item()
+
+
+def _train(out: str, sam: SamConfig, init: dict, resume: str | None = None, **overrides):
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    trainer = recording(SAMTrainer)(model=model, args=make_args(out, **overrides), train_dataset=Tokens(), sam=sam)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _ddp_worker(rank: int, world_size: int, out: str) -> dict:
+    init = tiny_distilbert().state_dict()
+    rwsam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="fd", mu=1e-3)
+    run = _train(out, rwsam, init, save_strategy="steps", save_steps=2)
+    ref, ref_calls, ref_bytes = reference(init, run.batches, rwsam, k=2, ddp=True)
+    resumed = _train(out + "_r", rwsam, init, resume=os.path.join(out, "checkpoint-2"))
+    sam = SamConfig(variant="sam", rho=0.05)
+    run_sam = _train(out + "_sam", sam, init, max_steps=1)
+    ref_sam, _, _ = reference(init, run_sam.batches, sam, k=2, ddp=True)
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    plain = recording(transformers.Trainer)(model=model, args=make_args(out + "_plain"), train_dataset=Tokens())
+    plain.train()
+    return dict(
+        trainer=flat(run.model), ref=ref, resumed=flat(resumed.model), sam=flat(run_sam.model), ref_sam=ref_sam,
+        comm=(run.counter.calls, run.counter.bytes), ref_comm=(ref_calls, ref_bytes),
+        plain_comm=(plain.counter.calls, plain.counter.bytes),
+        batches=[b["input_ids"] for b in run.batches], resumed_batches=[b["input_ids"] for b in resumed.batches],
+        logs=run.state.log_history, sam_logs=run_sam.state.log_history,
+        own_norms=[ascent_norm(init, b) for b in run_sam.batches],
+        state_files=sorted(f for f in os.listdir(os.path.join(out, "checkpoint-2")) if f.startswith("dist_sam")),
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return run_distributed(_ddp_worker, world_size=2, args=(str(tmp_path_factory.mktemp("hf_ddp") / "run"),),
+                           timeout=600)
+
+
+@pytest.mark.slow
+def test_ddp_trainer_step_is_sam_step(ddp_results):
+    for r in ddp_results:  # RW-SAM (fd) over 3 steps, and SAM over 1, each of 2 micro-batches
+        torch.testing.assert_close(r["trainer"], r["ref"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(r["sam"], r["ref_sam"], rtol=0, atol=1e-6)
+    assert not torch.equal(ddp_results[0]["batches"][0], ddp_results[1]["batches"][0])  # each rank its own shard
+    assert torch.equal(ddp_results[0]["trainer"], ddp_results[1]["trainer"])  # replicas bit-equal
+    assert torch.equal(ddp_results[0]["sam"], ddp_results[1]["sam"])
+
+
+@pytest.mark.slow
+def test_ddp_local_ascent_costs_the_plain_trainer_step(ddp_results):
+    calls, nbytes = ddp_results[0]["comm"]
+    plain_calls, plain_bytes = ddp_results[0]["plain_comm"]
+    assert calls > 0 and (calls, nbytes) == (plain_calls, plain_bytes)  # 3 steps each: one reduction per step
+    assert (calls, nbytes) == ddp_results[0]["ref_comm"]
+    params = sum(p.numel() for p in tiny_distilbert().parameters())
+    assert nbytes == 3 * params * 4  # fp32: every gradient once per optimizer step, nothing for the ascent
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_trainer_checkpoint_is_bit_equal(ddp_results):
+    for r in ddp_results:
+        assert r["state_files"] == ["dist_sam_rank0.pt", "dist_sam_rank1.pt"]
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed_batches"], r["batches"][4:]))  # step 3's batches
+        assert len(r["resumed_batches"]) == 2
+        assert torch.equal(r["resumed"], r["trainer"])
+
+
+@pytest.mark.slow
+def test_ddp_logs_carry_sam_numbers(ddp_results):
+    logs = [entry for entry in ddp_results[0]["sam_logs"] if "loss" in entry]
+    expected = sum(sum(r["own_norms"]) for r in ddp_results) / 4  # 2 micro-batches x 2 ranks, at w
+    assert logs[0]["sam_ascent_norm"] == pytest.approx(expected, rel=1e-5)
+    assert "rwsam_weight_entropy" not in logs[0]
+    rw = [entry for entry in ddp_results[0]["logs"] if "loss" in entry]
+    assert len(rw) == 3 and all(0 < e["rwsam_weight_entropy"] < math.log(4) for e in rw)  # non-uniform weights
