@@ -69,6 +69,10 @@ def stack(batch: dict) -> torch.Tensor:
     return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1)
 
 
+#: Trainer's base optimizer for :func:`reference`'s ``sgd=True``.
+SGD_ARGS = dict(optim="sgd", optim_args="momentum=0.9", learning_rate=0.05)
+
+
 def make_args(out: str, **overrides) -> SAMTrainingArguments:
     kwargs = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
                   learning_rate=1e-3, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=1.0,
@@ -97,8 +101,11 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool) -> tuple[torch.Tensor, int, int]:
-    """dist-sam's own step on Trainer's batches: ``sam_step`` over each window of ``k`` micro-batches."""
+def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool, sgd: bool = False) -> tuple[torch.Tensor, int, int]:
+    """dist-sam's own step on Trainer's batches: ``sam_step`` over each window of ``k`` micro-batches.
+
+    The base optimizer is what :func:`make_args` asks Trainer for: AdamW, or (``sgd``) SGD with momentum.
+    """
     model = tiny_distilbert()
     model.load_state_dict(init)
     wrapped = Stacked(model)
@@ -106,7 +113,10 @@ def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool) -> t
     if ddp:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
         counter = dist_sam.distributed.CommCounter.attach(wrapped)
-    base = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if sgd:
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     opt = dist_sam.create_optimizer(sam.variant, None, base=base, **sam.optimizer_kwargs())
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     for start in range(0, len(batches), k):
@@ -200,3 +210,96 @@ def test_ddp_logs_carry_sam_numbers(ddp_results):
     assert "rwsam_weight_entropy" not in logs[0]
     rw = [entry for entry in ddp_results[0]["logs"] if "loss" in entry]
     assert len(rw) == 3 and all(0 < e["rwsam_weight_entropy"] < math.log(4) for e in rw)  # non-uniform weights
+
+
+# -- one process: plain module, bf16, refusals, the batch adapter ------------------------------------
+def _plain_run(tmp_path, sam: SamConfig, **overrides):
+    init = tiny_distilbert().state_dict()
+    run = _train(str(tmp_path / "plain"), sam, init, max_steps=2, **overrides)
+    return init, run
+
+
+def test_plain_trainer_step_is_sam_step(tmp_path):
+    sam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="last_layer")
+    init, run = _plain_run(tmp_path, sam)
+    assert len(run.batches) == 4
+    ref, _, _ = reference(init, run.batches, sam, k=2, ddp=False)
+    torch.testing.assert_close(flat(run.model), ref, rtol=0, atol=1e-6)
+    assert all("rwsam_weight_entropy" in e for e in run.state.log_history if "loss" in e)
+
+
+def test_plain_micro_ascent_is_m_sam(tmp_path):
+    sam = SamConfig(variant="sam", rho=0.05, ascent="micro", micro_batch_size=2)
+    init, run = _plain_run(tmp_path, sam)
+    ref, _, _ = reference(init, run.batches, sam, k=2, ddp=False)  # m = 2 within each micro-batch of 4
+    torch.testing.assert_close(flat(run.model), ref, rtol=0, atol=1e-6)
+    far, _, _ = reference(init, run.batches, SamConfig(variant="sam", rho=0.05), k=2, ddp=False)
+    assert (flat(run.model) - far).abs().max() > 1e-5  # m-SAM is not the local ascent over all 4
+
+
+def test_bf16_forwards_are_trainers(tmp_path):
+    """bf16: Accelerate's autocast around the model, as in Trainer's own step; close to sam_step's bf16 autocast."""
+    sam = SamConfig(variant="sam", rho=0.05)
+    init, run = _plain_run(tmp_path, sam, bf16=True)
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    opt = dist_sam.create_optimizer("sam", None, base=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0),
+                                    rho=0.05)
+    for start in (0, 2):
+        window = run.batches[start:start + 2]
+        dist_sam.sam_step(Stacked(model), opt, nn.CrossEntropyLoss(reduction="none"), torch.cat([stack(b) for b in window]),
+                          torch.cat([b["labels"] for b in window]), accumulation_steps=2, clip_grad_norm=1.0,
+                          autocast_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # the weights stay fp32
+    torch.testing.assert_close(flat(run.model), flat(model), rtol=0, atol=1e-6)
+    fp32, _, _ = reference(init, run.batches, sam, k=2, ddp=False)
+    assert (flat(run.model) - fp32).abs().max() > 1e-5  # bf16 did run: its steps are not fp32's
+
+
+@pytest.mark.parametrize("sam, overrides, match", [
+    (SamConfig(ascent="global"), {}, "sam.ascent='global'"),
+    (SamConfig(ascent="micro", micro_batch_size=3), {}, "micro_batch_size=3"),
+    (SamConfig(variant="rwsam", estimator="exact"), {}, "estimator='exact'"),
+    (SamConfig(variant="rwsam"), {}, "sam.mu='auto'"),
+    (SamConfig(), {"torch_compile": True}, "torch_compile"),
+    (SamConfig(), {"label_names": ["labels", "other"]}, "label_names"),
+])
+def test_unsupported_combinations_refused_before_training(tmp_path, sam, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        SAMTrainer(model=tiny_distilbert(), args=make_args(str(tmp_path), **overrides), train_dataset=Tokens(), sam=sam)
+
+
+def test_sam_fields_of_training_arguments(tmp_path):
+    args = make_args(str(tmp_path), sam_variant="rwsam", sam_rho=0.1, sam_lam=0.3, sam_mu="1e-3", sam_estimator="fd")
+    trainer = SAMTrainer(model=tiny_distilbert(), args=args, train_dataset=Tokens())
+    cfg = trainer.sam_config
+    assert (cfg.variant, cfg.rho, cfg.lam, cfg.mu, cfg.estimator) == ("rwsam", 0.1, 0.3, 1e-3, "fd")
+    with pytest.raises(ValueError, match="sam_mu"):
+        make_args(str(tmp_path), sam_mu="often").sam_config()
+
+
+def test_batch_chunks_as_torch_chunk_and_model_takes_it():
+    data = {k: torch.stack([Tokens()[i][k] for i in range(6)]) for k in ("input_ids", "attention_mask")}
+    batch = Batch(dict(data, return_dict=True))
+    parts = batch.chunk(4)  # as torch.chunk: 3 chunks of 2
+    assert [p.size for p in parts] == [2, 2, 2] and all(p.data["return_dict"] is True for p in parts)
+    assert torch.equal(torch.cat([p.data["input_ids"] for p in parts]), data["input_ids"])
+    model = tiny_distilbert()
+    from dist_sam.integrations.hf import accept_batches
+
+    accept_batches(model)
+    torch.testing.assert_close(model(batch).logits, model(**data).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one batch size"):
+        Batch({"a": torch.zeros(2), "b": torch.zeros(3)}).size
+
+
+def test_core_imports_no_integration():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['accelerate'] = None; "
+            "import dist_sam, dist_sam.integrations, dist_sam.deepspeed\n"
+            "try:\n    import dist_sam.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "dist-sam[hf]" in out.stdout

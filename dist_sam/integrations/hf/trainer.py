@@ -38,16 +38,27 @@ from .batch import Batch, accept_batches
 from .checks import check_supported
 from .stats import Recording, StepStats
 
-__all__ = ["SAMTrainer", "cross_entropy_per_sample", "STATE_FILE"]
+__all__ = ["SAMTrainer", "LogitsCrossEntropy", "cross_entropy_per_sample", "STATE_FILE"]
 
 #: Per-rank file beside Trainer's checkpoint: SAM's step counter and RW-SAM's calibrated ``mu``.
 STATE_FILE = "dist_sam_rank{rank}.pt"
 
 
-def cross_entropy_per_sample(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-    """The default per-sample loss: cross-entropy of ``outputs.logits`` (``reduction="none"``)."""
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    return nn.functional.cross_entropy(logits, labels, reduction="none")
+class LogitsCrossEntropy(nn.CrossEntropyLoss):
+    """Per-sample cross-entropy of a Hugging Face output's ``logits`` (``reduction="none"``).
+
+    An ``nn.CrossEntropyLoss``, so RW-SAM's ``last_layer`` estimator knows its closed form applies.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__(reduction="none", label_smoothing=label_smoothing)
+
+    def forward(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(outputs.logits if hasattr(outputs, "logits") else outputs, labels)
+
+
+#: The default per-sample loss of :class:`SAMTrainer`.
+cross_entropy_per_sample = LogitsCrossEntropy()
 
 
 class SAMTrainer(Trainer):
@@ -59,7 +70,7 @@ class SAMTrainer(Trainer):
             ``None``: the ``sam_`` fields of a :class:`~dist_sam.integrations.hf.SAMTrainingArguments`
             (or SAM's defaults for plain ``TrainingArguments``).
         per_sample_loss: ``loss(outputs, labels)`` returning one loss per sample (shape ``(b,)``);
-            default :func:`cross_entropy_per_sample`. The model's own (mean) loss is not used: the
+            default :data:`cross_entropy_per_sample`. The model's own (mean) loss is not used: the
             labels are taken out of the batch before the forward.
         **kwargs: as for ``Trainer``.
 
