@@ -54,6 +54,41 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """A random-init ViT image classifier: 8x8 images, 4x4 patches, dim 32, 2 layers, 2 heads, no dropout."""
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, num_labels=CLASSES)
+    torch.manual_seed(seed)
+    return transformers.ViTForImageClassification(config)
+
+
+class Images(torch.utils.data.Dataset):
+    """Random 3x8x8 images with random labels."""
+
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(4321)
+        self.pixels = torch.randn(n, 3, 8, 8, generator=g)
+        self.labels = torch.randint(0, CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+class Pixels(nn.Module):
+    """The reference's ViT: pixel values in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
 class Stacked(nn.Module):
     """The reference's model: one tensor ``(b, 2, SEQ)`` of ids and mask in, logits out."""
 
@@ -67,6 +102,11 @@ class Stacked(nn.Module):
 
 def stack(batch: dict) -> torch.Tensor:
     return torch.stack([batch["input_ids"], batch["attention_mask"]], dim=1)
+
+
+#: (model, dataset, the reference's module around the model, the reference's input tensor of a batch)
+TEXT = (tiny_distilbert, Tokens, Stacked, stack)
+IMAGE = (tiny_vit, Images, Pixels, lambda batch: batch["pixel_values"])
 
 
 #: Trainer's base optimizer for :func:`reference`'s ``sgd=True``.
@@ -101,14 +141,16 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool, sgd: bool = False) -> tuple[torch.Tensor, int, int]:
+def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool, sgd: bool = False,
+              task: tuple = TEXT) -> tuple[torch.Tensor, int, int]:
     """dist-sam's own step on Trainer's batches: ``sam_step`` over each window of ``k`` micro-batches.
 
     The base optimizer is what :func:`make_args` asks Trainer for: AdamW, or (``sgd``) SGD with momentum.
     """
-    model = tiny_distilbert()
+    make_model, _, wrap, as_tensor = task
+    model = make_model()
     model.load_state_dict(init)
-    wrapped = Stacked(model)
+    wrapped = wrap(model)
     counter = None
     if ddp:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
@@ -121,24 +163,26 @@ def reference(init: dict, batches: list, sam: SamConfig, k: int, ddp: bool, sgd:
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     for start in range(0, len(batches), k):
         window = batches[start:start + k]
-        x = torch.cat([stack(b) for b in window])
+        x = torch.cat([as_tensor(b) for b in window])
         y = torch.cat([b["labels"] for b in window])
         dist_sam.sam_step(wrapped, opt, loss_fn, x, y, accumulation_steps=k, clip_grad_norm=1.0, **sam.step_kwargs())
     return flat(model), (counter.calls if counter else 0), (counter.bytes if counter else 0)
 
 
-def ascent_norm(init: dict, batch: dict) -> float:
+def ascent_norm(init: dict, batch: dict, task: tuple = TEXT) -> float:
     """``||∇ mean_i f_i(w)||`` of one micro-batch at ``w`` (SAM's local ascent gradient)."""
-    model = tiny_distilbert()
+    make_model, _, wrap, as_tensor = task
+    model = make_model()
     model.load_state_dict(init)
-    loss = nn.functional.cross_entropy(Stacked(model)(stack(batch)), batch["labels"])
+    loss = nn.functional.cross_entropy(wrap(model)(as_tensor(batch)), batch["labels"])
     return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])).item()
 
 
-def _train(out: str, sam: SamConfig, init: dict, resume: str | None = None, **overrides):
-    model = tiny_distilbert()
+def _train(out: str, sam: SamConfig, init: dict, resume: str | None = None, task: tuple = TEXT, **overrides):
+    make_model, data = task[:2]
+    model = make_model()
     model.load_state_dict(init)
-    trainer = recording(SAMTrainer)(model=model, args=make_args(out, **overrides), train_dataset=Tokens(), sam=sam)
+    trainer = recording(SAMTrainer)(model=model, args=make_args(out, **overrides), train_dataset=data(), sam=sam)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -149,9 +193,9 @@ def _ddp_worker(rank: int, world_size: int, out: str) -> dict:
     run = _train(out, rwsam, init, save_strategy="steps", save_steps=2)
     ref, ref_calls, ref_bytes = reference(init, run.batches, rwsam, k=2, ddp=True)
     resumed = _train(out + "_r", rwsam, init, resume=os.path.join(out, "checkpoint-2"))
-    sam = SamConfig(variant="sam", rho=0.05)
-    run_sam = _train(out + "_sam", sam, init, max_steps=1)
-    ref_sam, _, _ = reference(init, run_sam.batches, sam, k=2, ddp=True)
+    sam, vit = SamConfig(variant="sam", rho=0.05), tiny_vit().state_dict()
+    run_sam = _train(out + "_sam", sam, vit, task=IMAGE, max_steps=1)  # SAM on the ViT
+    ref_sam, _, _ = reference(vit, run_sam.batches, sam, k=2, ddp=True, task=IMAGE)
     model = tiny_distilbert()
     model.load_state_dict(init)
     plain = recording(transformers.Trainer)(model=model, args=make_args(out + "_plain"), train_dataset=Tokens())
@@ -162,7 +206,7 @@ def _ddp_worker(rank: int, world_size: int, out: str) -> dict:
         plain_comm=(plain.counter.calls, plain.counter.bytes),
         batches=[b["input_ids"] for b in run.batches], resumed_batches=[b["input_ids"] for b in resumed.batches],
         logs=run.state.log_history, sam_logs=run_sam.state.log_history,
-        own_norms=[ascent_norm(init, b) for b in run_sam.batches],
+        own_norms=[ascent_norm(vit, b, IMAGE) for b in run_sam.batches],
         state_files=sorted(f for f in os.listdir(os.path.join(out, "checkpoint-2")) if f.startswith("dist_sam")),
     )
 
@@ -175,7 +219,7 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ddp_trainer_step_is_sam_step(ddp_results):
-    for r in ddp_results:  # RW-SAM (fd) over 3 steps, and SAM over 1, each of 2 micro-batches
+    for r in ddp_results:  # RW-SAM (fd) on DistilBERT over 3 steps, SAM on the ViT over 1; 2 micro-batches each
         torch.testing.assert_close(r["trainer"], r["ref"], rtol=0, atol=1e-6)
         torch.testing.assert_close(r["sam"], r["ref_sam"], rtol=0, atol=1e-6)
     assert not torch.equal(ddp_results[0]["batches"][0], ddp_results[1]["batches"][0])  # each rank its own shard
@@ -221,9 +265,12 @@ def _plain_run(tmp_path, sam: SamConfig, **overrides):
 
 def test_plain_trainer_step_is_sam_step(tmp_path):
     sam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="last_layer")
-    init, run = _plain_run(tmp_path, sam)
+    init = tiny_vit().state_dict()
+    # SGD: with AdamW, its first steps (lr * g / |g| where g ~ 0) magnify the last-bit differences
+    # of two parameter orders (Trainer's weight-decay groups) in a few ViT weights to 1.5e-6
+    run = _train(str(tmp_path / "plain"), sam, init, task=IMAGE, max_steps=2, **SGD_ARGS)
     assert len(run.batches) == 4
-    ref, _, _ = reference(init, run.batches, sam, k=2, ddp=False)
+    ref, _, _ = reference(init, run.batches, sam, k=2, ddp=False, task=IMAGE, sgd=True)
     torch.testing.assert_close(flat(run.model), ref, rtol=0, atol=1e-6)
     assert all("rwsam_weight_entropy" in e for e in run.state.log_history if "loss" in e)
 
@@ -303,3 +350,23 @@ def test_core_imports_no_integration():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dist-sam[hf]" in out.stdout
+
+
+def test_nonfinite_gradient_skips_the_step(tmp_path):
+    """A NaN in one micro-batch's ascent poisons the step's gradient; the step is skipped, as sam_step skips it."""
+    calls = []
+
+    def poisoned(outputs, labels):
+        calls.append(1)
+        losses = nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
+        return losses * float("nan") if len(calls) == 1 else losses  # the first ascent forward only
+
+    init = tiny_distilbert().state_dict()
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    trainer = SAMTrainer(model=model, args=make_args(str(tmp_path), max_steps=1, max_grad_norm=0.0),
+                         train_dataset=Tokens(), sam=SamConfig(), per_sample_loss=poisoned)
+    with pytest.warns(UserWarning, match="non-finite gradient"):
+        trainer.train()
+    assert torch.equal(flat(trainer.model), flat(tiny_distilbert()))  # untouched (tiny_distilbert(0) == init)
+    assert trainer._sam.num_steps == 1  # counted, as sam_step counts a skipped step

@@ -1,4 +1,4 @@
-"""SAMTrainer under Trainer's ``deepspeed=`` config (ZeRO-2, CPU: DS_ACCELERATOR=cpu) equals dist-sam's
+"""SAMTrainer under Trainer's ``deepspeed=`` config (ZeRO-2 and ZeRO-0, CPU: DS_ACCELERATOR=cpu) equals dist-sam's
 own ``sam_step`` under DDP on the same batches; collectives as Trainer's plain DeepSpeed step; resume."""
 
 from __future__ import annotations
@@ -94,8 +94,11 @@ def _ds_worker(rank: int, world_size: int, out: str) -> dict:
     ref, _, _ = reference(init, run.batches, rwsam, k=2, ddp=True, sgd=True)
     resumed, _ = _run(SAMTrainer, out + "_r", init, 2, resume=os.path.join(out, "checkpoint-1"), sam=rwsam)
     plain, plain_counts = _run(transformers.Trainer, out + "_plain", init, 2)
+    sam = SamConfig(variant="sam", rho=0.05)
+    zero0, _ = _run(SAMTrainer, out + "_zero0", init, 0, sam=sam)
+    ref0, _, _ = reference(init, zero0.batches, sam, k=2, ddp=True, sgd=True)
     return dict(trainer=flat(run.model_wrapped.module), ref=ref, resumed=flat(resumed.model_wrapped.module),
-                counts=counts, plain_counts=plain_counts, logs=run.state.log_history,
+                zero0=flat(zero0.model_wrapped.module), ref0=ref0, counts=counts, plain_counts=plain_counts, logs=run.state.log_history,
                 resumed_batches=[b["input_ids"] for b in resumed.batches], batches=[b["input_ids"] for b in run.batches])
 
 
@@ -111,6 +114,13 @@ def test_zero2_trainer_step_is_sam_step(ds_results):
         torch.testing.assert_close(r["trainer"], r["ref"], rtol=0, atol=1e-6)
     assert torch.equal(ds_results[0]["trainer"], ds_results[1]["trainer"])  # replicas bit-equal
     assert all("sam_ascent_norm" in e and "rwsam_weight_entropy" in e for e in ds_results[0]["logs"] if "loss" in e)
+
+
+@pytest.mark.slow
+def test_zero0_trainer_step_is_sam_step(ds_results):
+    for r in ds_results:
+        torch.testing.assert_close(r["zero0"], r["ref0"], rtol=0, atol=1e-6)
+    assert torch.equal(ds_results[0]["zero0"], ds_results[1]["zero0"])
 
 
 @pytest.mark.slow

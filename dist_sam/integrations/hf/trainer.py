@@ -171,6 +171,7 @@ class SAMTrainer(Trainer):
             from ...deepspeed import SAMEngine
 
             self._ds_engine = SAMEngine(model, self.sam_config, self.per_sample_loss)
+            # the adapter's own step engine, recorded: its train_step runs sam_passes on it unchanged
             self._ds_engine._step_engine = Recording(self._ds_engine._step_engine)
             self._sam = self._ds_engine.sam
         sam = self._ready_sam()
@@ -200,6 +201,7 @@ class SAMTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self._sam is not None:  # every rank its own: RW-SAM's mu="auto" is calibrated per rank
             state = {k: v for k, v in self._sam.state_dict().items() if k in ("sam", "rwsam")}
+            os.makedirs(output_dir, exist_ok=True)  # rank 0 may not have made it yet
             torch.save(state, os.path.join(output_dir, STATE_FILE.format(rank=collectives.rank())))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
