@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from .bn import frozen_running_stats
+from .optim.looksam import LookSAM
 from .optim.rules import global_norm
 from .optim.sam import SAM
 
-__all__ = ["StepEngine", "AscentGrads", "sam_passes", "plain_passes", "per_sample_losses", "LossFn"]
+__all__ = ["StepEngine", "AscentGrads", "sam_passes", "plain_passes", "per_sample_losses", "stepping", "LossFn"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``(params, grads)``: the tensors the perturbation is computed on and added to, and ``g``.
@@ -105,6 +106,19 @@ class StepEngine:
         """Context around the descent forward and backward; the gradient syncs at the ``last`` group."""
         return contextlib.nullcontext()
 
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average whole-parameter tensors over the data-parallel ranks (in place where the layout
+        allows) and return them in the layout of :meth:`local_grads`. One process: as given."""
+        return tensors
+
+    def local_grads(self, optimizer: SAM) -> list[torch.Tensor | None]:
+        """The gradients this rank's base step sees (``.grad``; a sharded engine's local shards)."""
+        return [p.grad for p in optimizer.params]
+
+    def sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor of partial sums over the shards of one gradient (whole tensors: itself)."""
+        return partial
+
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         loss.backward()
 
@@ -120,7 +134,8 @@ class StepEngine:
             if clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
             before = optimizer.num_steps
-            scaler.step(optimizer)  # skips (on every rank: the gradients are synced) on inf/NaN
+            with stepping(optimizer, self):
+                scaler.step(optimizer)  # skips (on every rank: the gradients are synced) on inf/NaN
             scaler.update()
             if optimizer.num_steps == before:  # skipped: keep counting steps for `interval` and seeds
                 optimizer.num_steps += 1
@@ -130,12 +145,21 @@ class StepEngine:
             else:
                 norm = global_norm([p.grad for p in params if p.grad is not None])
             if torch.isfinite(norm):
-                optimizer.step()
+                clipped = norm if clip_grad_norm is None else None  # LookSAM recomputes a clipped one
+                with stepping(optimizer, self, clipped):
+                    optimizer.step()
             else:
                 warnings.warn("non-finite gradient: the step was skipped and the weights left untouched",
                               stacklevel=4)
                 optimizer.num_steps += 1
         optimizer.zero_grad(set_to_none=True)
+
+
+def stepping(optimizer: SAM, engine: StepEngine, grad_norm: torch.Tensor | None = None):
+    """Context of a base step: LookSAM's view of ``engine`` (its gradients' layout, ``||g||``)."""
+    if isinstance(optimizer, LookSAM):
+        return optimizer.stepping_with(engine, grad_norm)
+    return contextlib.nullcontext()
 
 
 def sam_passes(
@@ -184,6 +208,7 @@ def sam_passes(
     base_context = dict(model=engine.model, module=engine.module, loss_fn=loss_fn, autocast=autocast,
                         step=optimizer.num_steps, **engine.loss_context(), **(context or {}))
     losses_at_w = []
+    looking = isinstance(optimizer, LookSAM) and fixed_grads is None
     for j, (x, y) in enumerate(zip(inputs.chunk(num_groups), targets.chunk(num_groups))):
         last = j == num_groups - 1
         if j > 0:
@@ -198,6 +223,8 @@ def sam_passes(
             with torch.no_grad(), engine.ascent_pass(False), autocast():  # the forward at w updates BN stats
                 losses = per_sample_losses(loss_fn, engine.forward(x, ascent=True, last=last), y, x.shape[0])
         losses_at_w.append(losses.detach())
+        if looking:  # LookSAM's plain gradient at w, before perturb overwrites the ascent buffers
+            optimizer.observe_ascent(g, num_groups)
         norm = engine.norm([t for t in g if t is not None])
         poison = torch.where(torch.isfinite(norm), 1.0, float("nan"))
         engine.perturb(optimizer, params, g, norm, first=j == 0, owned=fixed_grads is None)
@@ -214,6 +241,8 @@ def sam_passes(
             engine.restore(optimizer, last=True)
             raise
     engine.restore(optimizer, last=True)
+    if looking:
+        optimizer.ascent_finished(engine)  # LookSAM's one extra all-reduce, on look steps only
     return torch.cat(losses_at_w).float().mean()
 
 

@@ -35,6 +35,7 @@ from .compiled import is_compiled
 from .distributed.engines import engine_for, is_fsdp
 from .distributed.ddp import ddp_of, local_module, unwrap
 from .optim.batched import MICRO_IMPLS, batched_micro_grads, check_batchable
+from .optim.looksam import LookSAM
 from .optim.sam import SAM
 
 __all__ = ["sam_step", "base_step", "ASCENT_MODES", "full_gradient", "per_sample_losses"]
@@ -155,6 +156,7 @@ def sam_step(
     num_groups = _validate(optimizer, inputs, targets, ascent, micro_batch_size, accumulation_steps, clip_grad_norm, ascent_data)
     engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
     engine.check(optimizer)
+    _check_looksam(optimizer, ascent, micro_impl)
     _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
@@ -171,6 +173,16 @@ def sam_step(
                       freeze_bn=freeze_bn, context=dict(rank=collectives.rank()))
     engine.finish(optimizer, clip_grad_norm, scaler)
     return loss
+
+
+def _check_looksam(optimizer, ascent, micro_impl) -> None:
+    """LookSAM's look steps take the plain gradient at ``w`` from a device-local ascent."""
+    if not isinstance(optimizer, LookSAM):
+        return
+    if ascent not in ("local", "micro"):
+        raise ValueError(f"LookSAM runs with ascent='local' or 'micro' (look-m-SAM), got ascent={ascent!r}")
+    if micro_impl != "loop":
+        raise ValueError(f"LookSAM runs with micro_impl='loop', got micro_impl={micro_impl!r}")
 
 
 def _check_micro_impl(micro_impl, ascent, model, optimizer, scaler, freeze_bn) -> None:

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..core import AscentGrads, StepEngine
 from ..optim.rules import global_norm
-from .ddp import check_model, local_module, no_grad_sync
+from . import collectives
+from .ddp import check_model, ddp_of, local_module, no_grad_sync
 
 __all__ = ["engine_for", "is_fsdp", "DDPEngine"]
 
@@ -87,6 +88,13 @@ class DDPEngine(StepEngine):
 
     def descent_pass(self, last: bool) -> contextlib.AbstractContextManager:
         return no_grad_sync(self.model, enabled=not last)
+
+    def all_reduce_mean_(self, tensors):
+        """One all-reduce over DDP's own group, as DDP's reducer makes it (a plain module: none)."""
+        ddp = ddp_of(self.model)
+        if ddp is not None:
+            collectives.all_reduce_mean_(tensors, group=ddp.process_group)
+        return tensors
 
 
 def is_fsdp(model: nn.Module) -> bool:

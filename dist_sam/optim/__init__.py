@@ -2,6 +2,7 @@
 
 from .registry import BASE_OPTIMIZERS, create_optimizer, list_optimizers, register_optimizer
 from .rules import EPS_NORM, global_norm, perturbation
+from .looksam import LookSAM
 from .rwsam import RWSAM, gibbs_weights
 from .sam import ASAM, SAM, USAM
 
@@ -10,6 +11,7 @@ __all__ = [
     "USAM",
     "ASAM",
     "RWSAM",
+    "LookSAM",
     "gibbs_weights",
     "create_optimizer",
     "list_optimizers",

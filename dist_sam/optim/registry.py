@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .looksam import LookSAM
 from .sam import ASAM, SAM, USAM
 
 __all__ = ["create_optimizer", "list_optimizers", "register_optimizer", "BASE_OPTIMIZERS"]
@@ -18,7 +19,7 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
 }
 
-_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM}
+_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM, "looksam": LookSAM}
 
 
 def register_optimizer(name: str, factory: Callable[..., SAM]) -> None:
@@ -37,10 +38,11 @@ def create_optimizer(
     """Build a SAM-family optimizer by name.
 
     Args:
-        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``).
+        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``, ``looksam``).
         params: parameters or param-group dicts.
         base: base optimizer, a name in ``BASE_OPTIMIZERS`` or an optimizer class.
-        **kwargs: SAM options (``rho``, ``interval``, RW-SAM's ``lam``...) and the base
+        **kwargs: SAM options (``rho``, ``interval``, RW-SAM's ``lam``, LookSAM's ``k``, ``alpha``,
+            ``warmup``...) and the base
             optimizer's options (``lr``, ``momentum``, ``weight_decay``...).
 
     Example:
