@@ -38,11 +38,11 @@ SCHEMA = "dist-sam-study-cost/1"
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": dict(opt="sgd", tune=()),
     "sam-local": dict(opt="sam", m="b", tune=("rho",)),
-    "m-sam b/2": dict(opt="sam", m="b/2", tune=("rho",)),
-    "m-sam b/4": dict(opt="sam", m="b/4", tune=("rho",)),
-    "m-sam b/8": dict(opt="sam", m="b/8", tune=("rho",)),
-    "interval k=2": dict(opt="sam", m="b/4", interval=2, tune=("rho",)),
-    "interval k=4": dict(opt="sam", m="b/4", interval=4, tune=("rho",)),
+    "m-sam b/2": dict(opt="sam", m="b/2", micro_impl="vmap", tune=("rho",)),
+    "m-sam b/4": dict(opt="sam", m="b/4", micro_impl="vmap", tune=("rho",)),
+    "m-sam b/8": dict(opt="sam", m="b/8", micro_impl="vmap", tune=("rho",)),
+    "interval k=2": dict(opt="sam", m="b/4", interval=2, micro_impl="vmap", tune=("rho",)),
+    "interval k=4": dict(opt="sam", m="b/4", interval=4, micro_impl="vmap", tune=("rho",)),
     "looksam k=2": dict(opt="looksam", m="b", k=2, tune=("rho", "alpha")),
     "looksam k=5": dict(opt="looksam", m="b", k=5, tune=("rho", "alpha")),
     "looksam k=10": dict(opt="looksam", m="b", k=10, tune=("rho", "alpha")),
@@ -62,10 +62,11 @@ class CostConfig:
     seeds: int = 5
     tune_seeds: int | None = None  # None: tune on every seed
     val_size: int = 300
-    rho: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2)
+    rho: tuple[float, ...] = (0.05, 0.1, 0.2)
+    look_rho: tuple[float, ...] = (0.05, 0.2)  # LookSAM and look-m-SAM: crossed with alpha
     alpha: tuple[float, ...] = (0.3, 0.7)
-    lam: tuple[float, ...] = (0.5, 2.0)
-    task: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lam: tuple[float, ...] = (0.5,)
+    task: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(epochs=30))
     workers: int = 1
     time_rounds: int = 7
     time_steps: int = 20
@@ -74,7 +75,7 @@ class CostConfig:
     quick: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("methods", "noise", "rho", "alpha", "lam", "budgets"):
+        for key in ("methods", "noise", "rho", "look_rho", "alpha", "lam", "budgets"):
             setattr(self, key, tuple(getattr(self, key)))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or "sgd" not in self.methods:
@@ -83,7 +84,7 @@ class CostConfig:
             raise ValueError(f"CostConfig: seeds must be >= 2 and tune_seeds in [2, seeds] or None, got {self.seeds}, {self.tune_seeds}")
         if self.val_size < 10 or self.val_size % 10:
             raise ValueError(f"CostConfig.val_size must be a positive multiple of 10 (10 classes), got {self.val_size}")
-        for key in ("rho", "alpha", "lam"):
+        for key in ("rho", "look_rho", "alpha", "lam"):
             if not getattr(self, key) or any(v <= 0 for v in getattr(self, key)):
                 raise ValueError(f"CostConfig.{key} must be a non-empty list of positive values, got {getattr(self, key)}")
         Task(**self.task)
@@ -97,14 +98,16 @@ class CostConfig:
 
 
 #: the smoke run: every method, a two-point tuning grid, a few steps on a tiny task
-QUICK = dict(seeds=2, val_size=50, rho=(0.05, 0.2), alpha=(0.3, 0.7), lam=(0.5,), time_rounds=2, time_steps=4, time_warmup=2,
-             task=dict(train_size=100, epochs=1, batch_size=32, width=8), quick=True)
+QUICK = dict(seeds=2, val_size=50, rho=(0.05, 0.2), look_rho=(0.05,), alpha=(0.3, 0.7), lam=(0.5,), time_rounds=2, time_steps=4,
+             time_warmup=2, task=dict(train_size=100, epochs=1, max_steps_per_epoch=2, batch_size=32, width=8), quick=True)
 
 
 def settings(cfg: CostConfig, method: str) -> list[dict]:
     """The tuning grid of ``method``: the product of the values of the hyperparameters it tunes."""
     keys = METHODS[method]["tune"]
-    return [dict(zip(keys, values)) for values in itertools.product(*(getattr(cfg, k) for k in keys))]
+    look = METHODS[method]["opt"] == "looksam"
+    grid = [cfg.look_rho if k == "rho" and look else getattr(cfg, k) for k in keys]
+    return [dict(zip(keys, values)) for values in itertools.product(*grid)]
 
 
 def _key(r: dict) -> tuple:
@@ -180,7 +183,8 @@ def run_cost(cfg: CostConfig, out_dir: str, *, phase: str = "all", resume: bool 
     save = lambda: json.dump(_result(cfg, runs, timing, False), open(stem + ".json", "w"), indent=1)  # noqa: E731
     if phase in ("all", "accuracy"):
         n_tune = cfg.tune_seeds or cfg.seeds
-        first = [(m, p, s, seed) for seed in range(n_tune) for m in cfg.methods for p in cfg.noise for s in settings(cfg, m)]
+        noise = sorted(cfg.noise, reverse=True)  # the noisy task first: a cut run still answers the headline
+        first = [(m, p, s, seed) for seed in range(n_tune) for p in noise for m in cfg.methods for s in settings(cfg, m)]
         _execute(cfg, first, runs, save, log)
         rest = [(sel["method"], sel["noise"], sel["params"], seed) for seed in range(n_tune, cfg.seeds) for sel in _selected(cfg, runs)]
         _execute(cfg, rest, runs, save, log)
@@ -188,6 +192,8 @@ def run_cost(cfg: CostConfig, out_dir: str, *, phase: str = "all", resume: bool 
         chosen = {s["method"]: s["params"] for s in _selected(cfg, runs) if s["noise"] == max(cfg.noise)}
         params = {m: chosen.get(m, settings(cfg, m)[0]) for m in cfg.methods}
         specs = {m: {k: v for k, v in METHODS[m].items() if k != "tune"} for m in cfg.methods}
+        for m in [m for m in specs if specs[m].get("micro_impl") == "vmap"]:  # the default loop, timed beside
+            specs[m + " (loop)"], params[m + " (loop)"] = dict(specs[m], micro_impl="loop"), params[m]
         timing = time_methods(cfg.task_for(max(cfg.noise)), specs, params, val_size=cfg.val_size, rounds=cfg.time_rounds,
                               steps=cfg.time_steps, warmup=cfg.time_warmup, log=log)
     result = _result(cfg, runs, timing, complete=True)

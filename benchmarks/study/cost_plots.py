@@ -29,6 +29,13 @@ def _cost_cell(timing: dict | None, method: str) -> str:
     return f"{t['ratio_vs_sgd']:.2f}{off}"
 
 
+def _passes(timing: dict | None, method: str) -> str:
+    t = (timing or {}).get("methods", {}).get(method)
+    if not t:
+        return "n/a | n/a"
+    return f"{t['forward_per_step']:.2f} / {t['backward_per_step']:.2f} | {t['forward_calls_per_step']:.1f}"
+
+
 def cost_markdown(result: dict) -> str:
     """Per noise level: each method at its validation-selected setting; then budgets, pairs, the grid."""
     cfg, timing = result["config"], result.get("timing")
@@ -48,8 +55,7 @@ def cost_markdown(result: dict) -> str:
                 f"{100 * d['diff_mean']:+.2f} ± {100 * (d['diff_se'] or 0):.2f} ({d['wins']}/{d['n']})")
             edge = " (grid edge: " + ", ".join(s["at_grid_edge"]) + ")" if s["at_grid_edge"] else ""
             lines.append(f"| {s['method']} | {s['setting']}{edge} | {s['n']} | {_pct(s['test_acc_mean'], s['test_acc_std'])} | "
-                         f"{_pct(s['val_acc_mean'])} | {dcell} | {_cost_cell(timing, s['method'])} | "
-                         f"{s['forward_per_step']:.2f} / {s['backward_per_step']:.2f} | {s['forward_calls_per_step']:.1f} |")
+                         f"{_pct(s['val_acc_mean'])} | {dcell} | {_cost_cell(timing, s['method'])} | {_passes(timing, s['method'])} |")
     if result.get("budget_table"):
         lines += ["", "At step cost <= X (× SGD, this run's timing phase), the method of highest test accuracy at its "
                   "validation-selected setting:", "", "| noise | cost <= X | run | setting | its cost | test acc % |",

@@ -7,7 +7,8 @@ noisy labels as a user's held-out data would. It is removed from the test set, w
 
 A method is a dict (``benchmarks.study.cost.METHODS``): ``opt`` (``sgd``, ``sam``, ``rwsam``,
 ``looksam``), ``m`` (the micro-batch: ``"b"`` is SAM-local on 4 workers of b, ``"b/k"`` m-SAM),
-and optionally ``interval`` (a SAM step every k-th step) or ``k`` (LookSAM's look period). Every
+and optionally ``interval`` (a SAM step every k-th step), ``k`` (LookSAM's look period) and
+``micro_impl`` (``vmap``: the batched m-SAM step, the same math as the loop). Every
 pass the model takes is counted by :class:`PassCounter` (forward hooks), never taken from a formula.
 """
 
@@ -128,8 +129,10 @@ def step_fn(method: dict, task: Task, model: nn.Module, opt, loss_fn):
             loss_fn(model(x), y).mean().backward()
             opt.step()
     else:
+        impl = method.get("micro_impl", "loop")  # vmap: the same step, batched (m-SAM's cost on a CPU)
+
         def step(x, y):
-            dist_sam.sam_step(model, opt, loss_fn, x, y, ascent="micro", micro_batch_size=m)
+            dist_sam.sam_step(model, opt, loss_fn, x, y, ascent="micro", micro_batch_size=m, micro_impl=impl)
     return step
 
 
@@ -165,13 +168,11 @@ def train_cost_run(task: Task, method: dict, params: dict, seed: int, *, val_siz
     cpu = time.process_time() - cpu
     counter.remove()
     model.eval()
-    b = task.batch_size
     out = dict(seed=seed, params=params, steps=steps, m=micro_size(method, task), train_cpu_s=cpu,
                val_acc=_accuracy(model, data["x_val"], data["y_val"]) if val_size else None,
                val_acc_clean=_accuracy(model, data["x_val"], data["y_val_clean"]) if val_size else None,
                test_acc=_accuracy(model, data["x_test"], data["y_test"]),
                train_acc=_accuracy(model, data["x_train"], data["y_train"]),
-               forward_per_step=counter.forward / (b * steps), backward_per_step=counter.backward / (b * steps),
-               forward_calls_per_step=counter.forward_calls / steps,
+               forward_calls_per_step=counter.forward_calls / steps,  # samples: the timing phase counts them (vmap)
                finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
     return out

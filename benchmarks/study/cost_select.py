@@ -59,11 +59,7 @@ def select(runs: list[dict], method: str, noise: float, settings: list[dict], tu
     return dict(method=method, noise=noise, params=best["params"], setting=setting_key(best["params"]), selected_by="val_acc",
                 n=len(rs), seeds=[r["seed"] for r in rs], test_acc=[r["test_acc"] for r in rs], test_acc_mean=test,
                 test_acc_std=test_std, val_acc_mean=val, at_grid_edge=[k for k, e in at_edge.items() if e],
-                finite=all(r["finite"] for r in rs), grid=table,
-                forward_per_step=statistics.mean(r["forward_per_step"] for r in rs),
-                backward_per_step=statistics.mean(r["backward_per_step"] for r in rs),
-                forward_calls_per_step=statistics.mean(r["forward_calls_per_step"] for r in rs),
-                cpu_s=statistics.mean(r["train_cpu_s"] for r in rs))
+                finite=all(r["finite"] for r in rs), grid=table, cpu_s=statistics.mean(r["train_cpu_s"] for r in rs))
 
 
 def paired(selected: list[dict], baseline: str) -> list[dict]:

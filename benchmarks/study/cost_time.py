@@ -8,7 +8,9 @@ Every method gets its own model and optimizer (seed 0) on the cost task's batche
 over rounds of (its mean step time / SGD's mean step time in that round), so a load change on a
 shared machine hits both sides of a ratio. Each step is also classified by the passes the
 :class:`~benchmarks.study.cost_run.PassCounter` saw it take (a counter is on every model, SGD's
-too): LookSAM's one-pass off-steps are timed on their own against SGD.
+too): LookSAM's one-pass off-steps are timed on their own against SGD. The passes per step are
+counted here too, over the timed steps; a ``vmap`` method's are its loop twin's (inside vmap a
+hook sees one micro-batch of the batched call).
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ def time_methods(task: Task, methods: dict[str, dict], params: dict[str, dict], 
         _run_steps(step, counter, stream, max(warmup, _cycle(methods[name])))
     names = list(methods)
     per_round: dict[str, list[list[tuple[float, int]]]] = {n: [] for n in names}
+    counted = {n: [0, 0, 0, 0] for n in names}  # forward, backward samples and calls over the timed steps
     started, load = time.time(), list(os.getloadavg())
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             step, counter, stream = benches[name]
+            before = counter.snapshot()
             per_round[name].append(_run_steps(step, counter, stream, n_steps[name]))
+            counted[name] = [c + a - b for c, a, b in zip(counted[name], counter.snapshot(), before)]
         log(f"[study cost time] round {r + 1}/{rounds} ({time.time() - started:.0f}s)")
     b = task.batch_size
     sgd_mean = [statistics.mean(t for t, _ in rnd) for rnd in per_round["sgd"]]
@@ -81,7 +86,10 @@ def time_methods(task: Task, methods: dict[str, dict], params: dict[str, dict], 
                                load_average_end=list(os.getloadavg()), wall_s=time.time() - started, methods={})
     for name in names:
         means = [statistics.mean(t for t, _ in rnd) for rnd in per_round[name]]
-        row = dict(step_ms=1e3 * statistics.median(means),
+        total = rounds * n_steps[name]
+        row = dict(step_ms=1e3 * statistics.median(means), forward_per_step=counted[name][0] / (b * total),
+                   backward_per_step=counted[name][1] / (b * total), forward_calls_per_step=counted[name][2] / total,
+                   backward_calls_per_step=counted[name][3] / total,
                    ratio_vs_sgd=statistics.median(m / s for m, s in zip(means, sgd_mean)),
                    ratio_per_round=[m / s for m, s in zip(means, sgd_mean)])
         off = [[t for t, f in rnd if f == b] for rnd in per_round[name]]
@@ -92,4 +100,8 @@ def time_methods(task: Task, methods: dict[str, dict], params: dict[str, dict], 
         if methods[name].get("opt") == "looksam" and all(look):
             row["look_step_ratio_vs_sgd"] = statistics.median(statistics.mean(o) / s for o, s in zip(look, sgd_mean))
         out["methods"][name] = row
+    for name in names:  # hooks inside vmap see one micro-batch: the loop twin's counts are the method's
+        if methods[name].get("micro_impl") == "vmap" and name + " (loop)" in out["methods"]:
+            twin = out["methods"][name + " (loop)"]
+            out["methods"][name].update({k: twin[k] for k in twin if "per_step" in k}, passes_counted_on=name + " (loop)")
     return out
