@@ -24,7 +24,8 @@ from torch import nn
 
 from .task import Task, _accuracy, _shift, load_task_data, resolve_m
 
-__all__ = ["load_split", "build_model", "make_optimizer", "PassCounter", "micro_size", "train_cost_run"]
+__all__ = ["load_split", "build_model", "make_optimizer", "PassCounter", "micro_size", "step_fn", "batches", "train_model",
+           "train_cost_run"]
 
 NORMS = ("bn", "gn", "none")
 
@@ -149,8 +150,8 @@ def batches(data: dict, task: Task, seed: int):
             yield (_shift(x, data["background"], gen) if task.augment else x), data["y_train"][idx]
 
 
-def train_cost_run(task: Task, method: dict, params: dict, seed: int, *, val_size: int, norm: str = "bn") -> dict[str, Any]:
-    """Train once; validation and test accuracy, passes per step (counted), CPU seconds."""
+def train_model(task: Task, method: dict, params: dict, seed: int, *, val_size: int, norm: str = "bn"):
+    """Train once; ``(model in eval mode, data, {steps, train_cpu_s, forward_calls_per_step})``."""
     torch.set_num_threads(1)
     data = load_split(task.train_size, val_size, task.noise, task.noise_seed)
     torch.manual_seed(seed)
@@ -168,11 +169,17 @@ def train_cost_run(task: Task, method: dict, params: dict, seed: int, *, val_siz
     cpu = time.process_time() - cpu
     counter.remove()
     model.eval()
-    out = dict(seed=seed, params=params, steps=steps, m=micro_size(method, task), train_cpu_s=cpu,
-               val_acc=_accuracy(model, data["x_val"], data["y_val"]) if val_size else None,
-               val_acc_clean=_accuracy(model, data["x_val"], data["y_val_clean"]) if val_size else None,
-               test_acc=_accuracy(model, data["x_test"], data["y_test"]),
-               train_acc=_accuracy(model, data["x_train"], data["y_train"]),
-               forward_calls_per_step=counter.forward_calls / steps,  # samples: the timing phase counts them (vmap)
-               finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
-    return out
+    # samples per pass: the timing phase counts them (inside vmap a hook sees one micro-batch)
+    return model, data, dict(steps=steps, train_cpu_s=cpu, forward_calls_per_step=counter.forward_calls / steps)
+
+
+def train_cost_run(task: Task, method: dict, params: dict, seed: int, *, val_size: int, norm: str = "bn") -> dict[str, Any]:
+    """Train once; validation and test accuracy, forward calls per step, CPU seconds."""
+    model, data, info = train_model(task, method, params, seed, val_size=val_size, norm=norm)
+    return dict(seed=seed, params=params, steps=info["steps"], m=micro_size(method, task), train_cpu_s=info["train_cpu_s"],
+                val_acc=_accuracy(model, data["x_val"], data["y_val"]) if val_size else None,
+                val_acc_clean=_accuracy(model, data["x_val"], data["y_val_clean"]) if val_size else None,
+                test_acc=_accuracy(model, data["x_test"], data["y_test"]),
+                train_acc=_accuracy(model, data["x_train"], data["y_train"]),
+                forward_calls_per_step=info["forward_calls_per_step"],
+                finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
