@@ -73,7 +73,7 @@ def test_cost_quick_counts_passes(quick):
     assert t["sgd"]["ratio_vs_sgd"] == pytest.approx(1.0)
     assert (t["sgd"]["forward_per_step"], t["sgd"]["backward_per_step"], t["sgd"]["forward_calls_per_step"]) == (1.0, 1.0, 1.0)
     assert (t["sam-local"]["forward_per_step"], t["sam-local"]["backward_per_step"]) == (2.0, 2.0)
-    assert t["sam-local"]["forward_calls_per_step"] == 2 * workers  # 4 simulated workers, ascent + descent each
+    assert t["sam-local"]["forward_calls_per_step"] == 2 * workers  # 4 simulated workers, ascent + descent each (loop twin)
     for k in (2, 4, 8):  # m = b/k: the same samples in k times more calls; vmap's counts come from its loop twin
         row = t[f"m-sam b/{k}"]
         assert (row["forward_per_step"], row["backward_per_step"]) == (2.0, 2.0)

@@ -37,7 +37,7 @@ SCHEMA = "dist-sam-study-cost/1"
 #: method -> its spec (``benchmarks.study.cost_run``) and the hyperparameters it is tuned over
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": dict(opt="sgd", tune=()),
-    "sam-local": dict(opt="sam", m="b", tune=("rho",)),
+    "sam-local": dict(opt="sam", m="b", micro_impl="vmap", tune=("rho",)),
     "m-sam b/2": dict(opt="sam", m="b/2", micro_impl="vmap", tune=("rho",)),
     "m-sam b/4": dict(opt="sam", m="b/4", micro_impl="vmap", tune=("rho",)),
     "m-sam b/8": dict(opt="sam", m="b/8", micro_impl="vmap", tune=("rho",)),
@@ -66,7 +66,7 @@ class CostConfig:
     look_rho: tuple[float, ...] = (0.05, 0.1)  # LookSAM and look-m-SAM: crossed with alpha
     alpha: tuple[float, ...] = (0.3, 0.7)
     lam: tuple[float, ...] = (0.5,)
-    task: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(epochs=20, width=16))  # fits a shared CPU
+    task: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(width=16))  # the grids' task, a narrower CNN
     workers: int = 1
     time_rounds: int = 7
     time_steps: int = 20
