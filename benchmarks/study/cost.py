@@ -80,8 +80,8 @@ class CostConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or "sgd" not in self.methods:
             raise ValueError(f"CostConfig.methods: unknown {unknown} (accepted: {list(METHODS)}); 'sgd' must be one of them")
-        if self.seeds < 2 or (self.tune_seeds is not None and not 2 <= self.tune_seeds <= self.seeds):
-            raise ValueError(f"CostConfig: seeds must be >= 2 and tune_seeds in [2, seeds] or None, got {self.seeds}, {self.tune_seeds}")
+        if self.seeds < 2 or (self.tune_seeds is not None and not 1 <= self.tune_seeds <= self.seeds):
+            raise ValueError(f"CostConfig: seeds must be >= 2 and tune_seeds in [1, seeds] or None, got {self.seeds}, {self.tune_seeds}")
         if self.val_size < 10 or self.val_size % 10:
             raise ValueError(f"CostConfig.val_size must be a positive multiple of 10 (10 classes), got {self.val_size}")
         for key in ("rho", "look_rho", "alpha", "lam"):
@@ -208,9 +208,12 @@ def run_cost(cfg: CostConfig, out_dir: str, *, phase: str = "all", resume: bool 
     return result
 
 
-def cost_main(*, quick: bool, seeds: int | None, out: str, phase: str, resume: bool, workers: int | None) -> int:
+def cost_main(*, quick: bool, seeds: int | None, out: str, phase: str, resume: bool, workers: int | None,
+              tune_seeds: int | None = None) -> int:
     """``python -m benchmarks.study --grid cost``: run it, print its tables; 2 on bad settings."""
     values: dict[str, Any] = dict(QUICK) if quick else {}
+    if tune_seeds is not None:
+        values["tune_seeds"] = tune_seeds
     if seeds is not None:
         values["seeds"] = seeds
     if workers is not None:
