@@ -22,7 +22,8 @@ LAYERS = {
     "optim": 1,                 # the algorithm: rules, optimizers, estimators
     "core": 2,                  # the one step loop and the engine interface
     "distributed": 3,           # the engines (DDP, FSDP2, DeepSpeed), collectives, launch
-    "step": 4, "diagnostics": 4, "data": 4, "checkpoint": 4,
+    "step": 4, "diagnostics": 4, "data": 4, "checkpoint_load": 4,
+    "checkpoint": 5,            # writes checkpoints; checkpoint_load reads and verifies them
     "config": 5,                # SamConfig: names the ascent modes of step
     "deepspeed": 6,             # initialize(): a config's sam section on a DeepSpeed engine
     "__init__": 7, "train": 7,  # the trainer; the package's public face

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from ..plots import _pyplot
+from ..common.output import pyplot as _pyplot
 from .cost_select import setting_key
 
 __all__ = ["cost_markdown", "cost_figure", "main"]
