@@ -20,7 +20,7 @@ class SAMTrainingArguments(TrainingArguments):
     ``sam_mu`` is a string (``"auto"`` or a number) so that the command line can give either.
     """
 
-    sam_variant: str = dataclasses.field(default="sam", metadata={"help": "sam | usam | asam | rwsam"})
+    sam_variant: str = dataclasses.field(default="sam", metadata={"help": "sam | usam | asam | rwsam | looksam"})
     sam_rho: float | None = dataclasses.field(default=None, metadata={"help": "radius (default: 0.5 asam, else 0.05)"})
     sam_adaptive: bool = False
     sam_eta: float | None = None
@@ -32,6 +32,9 @@ class SAMTrainingArguments(TrainingArguments):
     sam_mu: str = "auto"
     sam_num_directions: int = 1
     sam_normalization: str = "zscore"
+    sam_k: int = 5
+    sam_alpha: float = 0.3
+    sam_warmup: int = 0
 
     def sam_config(self) -> SamConfig:
         """The validated :class:`~dist_sam.config.SamConfig` of the ``sam_`` fields."""
@@ -43,6 +46,9 @@ class SAMTrainingArguments(TrainingArguments):
                 raise ValueError(f"sam_mu must be 'auto' or a number > 0, got {values['mu']!r}") from None
         if values["variant"] != "rwsam":  # RW-SAM's fields at their defaults mean nothing here
             for name in ("lam", "estimator", "mu", "num_directions", "normalization"):
+                values.pop(name)
+        if values["variant"] != "looksam":  # so are LookSAM's
+            for name in ("k", "alpha", "warmup"):
                 values.pop(name)
         return SamConfig(**values)
 
