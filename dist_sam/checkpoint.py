@@ -17,8 +17,10 @@ The collective part (who writes what, barriers) is the caller's: this module nev
 processes. A single writer calls :func:`save_checkpoint`; several writers call
 :func:`begin_checkpoint` (one process, then a barrier), :func:`write_file` or :func:`describe_file`
 (each writer), then :func:`commit_checkpoint` (one process, with every writer's file records).
+A failed write raises the OS's ``OSError`` (also where ``torch.save`` would wrap it); the trainer
+turns it into a :class:`CheckpointWriteError` on every rank (:mod:`dist_sam.train.saving`).
 
-:func:`load_checkpoint` checks the manifest (every file present, sizes and checksums equal),
+The read side is :mod:`dist_sam.checkpoint_load`, re-exported here: :func:`load_checkpoint` checks the manifest (every file present, sizes and checksums equal),
 reads the payload with ``torch.load(weights_only=True)``, checks the keys the manifest requires
 and that the model weights are finite, and compares the saved config with the running one. Every
 failure is a :class:`CheckpointError` naming the path and the cause; damage (anything but a
@@ -27,9 +29,9 @@ config mismatch) is a :class:`DamagedCheckpointError`, which ``checkpoint.resume
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -37,51 +39,50 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-__all__ = ["CheckpointError", "DamagedCheckpointError", "save_checkpoint", "begin_checkpoint", "write_file",
-           "describe_file", "commit_checkpoint", "staging_dir", "step_dir", "list_checkpoints", "latest_checkpoint",
-           "read_manifest", "verify_checkpoint", "load_checkpoint", "config_diff", "MANIFEST", "PAYLOAD", "FORMAT"]
+from .checkpoint_load import (FORMAT, MANIFEST, PAYLOAD, CheckpointError, DamagedCheckpointError, config_diff,
+                              describe_file, latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest,
+                              staging_dir, step_dir, verify_checkpoint)
 
-MANIFEST = "manifest.json"
-PAYLOAD = "state.pt"
-FORMAT = "dist-sam-checkpoint/2"
-_NAME = re.compile(r"^step_(\d{9})$")
-_CHUNK = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be resumed from; the message names the path and the cause."""
-
-    def __init__(self, path: str, reason: str, advice: str = "") -> None:
-        self.path, self.reason = path, reason
-        super().__init__(f"checkpoint {path}: {reason}" + (f"; {advice}" if advice else ""))
+__all__ = ["CheckpointError", "DamagedCheckpointError", "CheckpointWriteError", "save_checkpoint", "begin_checkpoint",
+           "write_file", "describe_file", "commit_checkpoint", "staging_dir", "step_dir", "list_checkpoints",
+           "latest_checkpoint", "read_manifest", "verify_checkpoint", "load_checkpoint", "config_diff",
+           "injected_fault", "MANIFEST", "PAYLOAD", "FORMAT", "WRITE_FAULT_ENV"]
 
 
-class DamagedCheckpointError(CheckpointError):
-    """The checkpoint cannot be read as written: missing, truncated, altered, incomplete or non-finite."""
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, file too large, no permission, I/O error...).
+
+    Attributes:
+        path: the file or directory the failing write was for.
+        step: the global step of the checkpoint.
+        rank: the rank whose write failed (``None`` for one process).
+        cause: the OS error, as text (``[Errno 28] No space left on device``).
+    """
+
+    def __init__(self, path: str, step: int, cause: str, rank: int | None = None, what: str | None = None) -> None:
+        self.path, self.step, self.cause, self.rank = path, step, cause, rank
+        where = f" on rank {rank}" if rank is not None else ""
+        super().__init__(f"writing {what or f'the checkpoint of step {step}'} failed{where}: {path}: {cause}; the "
+                         "previous checkpoints are intact and the next run resumes from the newest of them")
 
 
-def step_dir(directory: str, step: int) -> str:
-    """The final directory of the checkpoint at global step ``step``."""
-    return os.path.join(directory, f"step_{step:09d}")
+#: Testing aid, first attempt only: ``"RANK:ERRNO:STEP"`` (``"0:ENOSPC:4"``) makes the checkpoint
+#: file writes of that rank fail with that OS error from global step STEP on, as a full disk would.
+WRITE_FAULT_ENV = "DIST_SAM_CHECKPOINT_FAULT"
 
 
-def staging_dir(directory: str, step: int) -> str:
-    """Where the checkpoint at ``step`` is assembled (the same path on every rank)."""
-    return os.path.join(directory, f".step_{step:09d}.partial")
+def injected_fault(rank: int, step: int) -> int | None:
+    """The errno :data:`WRITE_FAULT_ENV` injects into ``rank``'s checkpoint writes at ``step``, or ``None``."""
+    spec = os.environ.get(WRITE_FAULT_ENV, "").split(":")
+    if len(spec) != 3 or spec[0] != str(rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    return getattr(errno, spec[1]) if step >= int(spec[2]) else None
 
 
-def list_checkpoints(directory: str) -> list[str]:
-    """Committed step directories in ``directory``, oldest step first (staging directories are ignored)."""
-    if not os.path.isdir(directory):
-        return []
-    found = sorted((int(m.group(1)), m.group(0)) for m in map(_NAME.match, os.listdir(directory)) if m)
-    return [os.path.join(directory, name) for _, name in found]
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    """The newest committed checkpoint directory in ``directory``, or ``None``."""
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+def _fault(staging: str) -> int | None:
+    """:func:`injected_fault` for a file written into ``staging`` (its name holds the step)."""
+    found = re.fullmatch(r"\.step_(\d+)\.partial", os.path.basename(staging))
+    return injected_fault(int(os.environ.get("RANK", "0")), int(found.group(1))) if found else None
 
 
 def _fsync_dir(directory: str) -> None:
@@ -96,15 +97,26 @@ def _fsync_dir(directory: str) -> None:
 
 
 class _HashingWriter:
-    """A file object that hashes and counts what passes through (no second read of the file)."""
+    """A file object that hashes and counts what passes through (no second read of the file).
 
-    def __init__(self, fh) -> None:
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+    It keeps the first ``OSError`` of the file: ``torch.save`` may report a failed write as its
+    own ``RuntimeError``, and the caller wants the OS's cause.
+    """
+
+    def __init__(self, fh, fault: int | None = None) -> None:
+        self.fh, self.sha, self.size, self.fault = fh, hashlib.sha256(), 0, fault
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.fh.write(data)
+        try:
+            if self.fault is not None:
+                raise OSError(self.fault, os.strerror(self.fault), self.fh.name)
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
 
     def flush(self) -> None:
         self.fh.flush()
@@ -121,23 +133,28 @@ def begin_checkpoint(directory: str, step: int) -> str:
 
 
 def write_file(staging: str, name: str, obj: Any) -> dict[str, Any]:
-    """``torch.save(obj)`` as ``staging/name``, flushed and ``fsync``-ed; returns its manifest record."""
-    with open(os.path.join(staging, name), "wb") as fh:
-        writer = _HashingWriter(fh)
-        torch.save(obj, writer)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """``torch.save(obj)`` as ``staging/name``, flushed and ``fsync``-ed; returns its manifest record.
+
+    Raises:
+        OSError: the write failed (the OS's error, even where ``torch.save`` wraps it).
+    """
+    file = os.path.join(staging, name)
+    try:
+        with open(file, "wb") as fh:
+            writer = _HashingWriter(fh, _fault(staging))
+            try:
+                torch.save(obj, writer)
+            except Exception as err:  # noqa: BLE001 -- torch.save's own error for a failed write hides the OS's
+                if writer.error is not None and writer.error is not err:
+                    raise writer.error from err
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # a failed write(), flush or close names no file: name it
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror, file) from err
     return {"bytes": writer.size, "sha256": writer.sha.hexdigest()}
-
-
-def describe_file(path: str) -> dict[str, Any]:
-    """The manifest record (size, SHA-256) of a file another writer produced."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": sha.hexdigest()}
 
 
 def commit_checkpoint(staging: str, directory: str, step: int, files: Mapping[str, Mapping[str, Any]], *,
@@ -163,10 +180,14 @@ def commit_checkpoint(staging: str, directory: str, step: int, files: Mapping[st
     manifest = {"format": FORMAT, "step": step, "payload": PAYLOAD if PAYLOAD in files else None,
                 "files": {name: dict(rec) for name, rec in files.items()},
                 "verify": {"required": list(required), "finite": list(finite)}, "meta": dict(meta or {})}
-    with open(os.path.join(staging, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    file = os.path.join(staging, MANIFEST)
+    try:
+        with open(file, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # as in write_file: name the file the OS did not
+        raise err if err.filename else OSError(err.errno, err.strerror, file) from err
     _fsync_dir(staging)
     final = step_dir(directory, step)
     if os.path.exists(final):  # the same step saved again (mid-epoch, then at the epoch's end)
@@ -194,132 +215,3 @@ def save_checkpoint(state: Mapping[str, Any], directory: str, *, step: int, keep
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def read_manifest(path: str) -> dict[str, Any]:
-    """The manifest of the checkpoint directory ``path``.
-
-    Raises:
-        DamagedCheckpointError: no manifest, unreadable, not JSON, or another format.
-    """
-    file = os.path.join(path, MANIFEST)
-    try:
-        with open(file) as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise DamagedCheckpointError(path, f"no {MANIFEST} (not a finished dist-sam checkpoint)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DamagedCheckpointError(path, f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DamagedCheckpointError(path, f"{MANIFEST} is not a {FORMAT} manifest (format {found!r})")
-    return manifest
-
-
-def verify_checkpoint(path: str) -> dict[str, Any]:
-    """Check that every file the manifest lists is present with its recorded size and SHA-256.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        DamagedCheckpointError: naming the first file that is missing, of another size, or altered.
-    """
-    manifest = read_manifest(path)
-    for name, record in manifest["files"].items():
-        file = os.path.join(path, name)
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            raise DamagedCheckpointError(file, "missing (listed in the manifest)") from None
-        if size != record.get("bytes"):
-            raise DamagedCheckpointError(file, f"size {size} bytes, but {record.get('bytes')} were written (truncated?)")
-        try:
-            found = describe_file(file)["sha256"]
-        except OSError as err:
-            raise DamagedCheckpointError(file, f"unreadable ({err})") from None
-        if found != record.get("sha256"):
-            raise DamagedCheckpointError(file, "SHA-256 differs from the one recorded when it was written (altered)")
-    return manifest
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as ``key: saved -> current``.
-
-    ``ignore`` holds dotted keys or prefixes ending in ``.*`` (``"checkpoint.*"``).
-    """
-    skip = tuple(ignore)
-
-    def ignored(key: str) -> bool:
-        return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in skip)
-
-    a, b = _flatten(saved), _flatten(current)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
-            for k in sorted(set(a) | set(b)) if not ignored(k) and a.get(k) != b.get(k)]
-
-
-def _non_finite(weights: Any) -> list[str]:
-    if not isinstance(weights, Mapping):
-        return []
-    return [name for name, value in _flatten(weights).items()
-            if (isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()))
-            or (isinstance(value, float) and not math.isfinite(value))]
-
-
-def _read_payload(path: str, manifest: Mapping[str, Any], map_location) -> dict[str, Any]:
-    name = manifest.get("payload")
-    if not name:
-        raise DamagedCheckpointError(path, f"the manifest names no {PAYLOAD} payload (engine "
-                                           f"{manifest.get('meta', {}).get('engine')!r}); load it with that engine")
-    file = os.path.join(path, name)
-    try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- torch.load fails in many ways; the user gets one message
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DamagedCheckpointError(file, f"torch.load failed ({type(err).__name__}: {cause[:300]})") from None
-    if not isinstance(state, dict):
-        raise DamagedCheckpointError(file, f"holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def load_checkpoint(path: str, *, config: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify and load a checkpoint directory; check that it may be resumed from.
-
-    Args:
-        path: the step directory.
-        config: the running config (a nested dict); compared with the saved ``state["config"]``.
-        ignore: config keys allowed to differ (see :func:`config_diff`).
-        map_location: where tensors land.
-
-    Raises:
-        DamagedCheckpointError: a manifest check fails, ``torch.load`` fails, a key the manifest
-            requires is missing, or the model weights hold NaN/inf.
-        CheckpointError: the configs differ.
-    """
-    manifest = verify_checkpoint(path)
-    state = _read_payload(path, manifest, map_location)
-    file = os.path.join(path, manifest["payload"])
-    missing = [k for k in manifest["verify"].get("required", []) if k not in state]
-    if missing:
-        raise DamagedCheckpointError(file, f"missing key(s) {missing} that the manifest requires")
-    for key in manifest["verify"].get("finite", []):
-        bad = _non_finite(state.get(key))
-        if bad:
-            raise DamagedCheckpointError(file, f"non-finite values (NaN/inf) in {len(bad)} {key} tensor(s), e.g. {bad[:3]}")
-    if config is not None:
-        diff = config_diff(state.get("config", {}), config, ignore)
-        if diff:
-            raise CheckpointError(path, f"it was written with a different config ({len(diff)} key(s) differ: "
-                                  f"{'; '.join(diff[:5])})", "resume with the same config, or start a new run "
-                                  "(another output_dir, or checkpoint.resume=never)")
-    return state

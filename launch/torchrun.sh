@@ -12,6 +12,10 @@
 # and exit with status 75, which torchrun restarts like a failure (one of --max-restarts). SIGTERM
 # to torchrun itself is forwarded to the workers; it waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
 # for that checkpoint before SIGKILL, then exits (the scheduler restarts the job).
+# Faults stop every worker, named, with a failure status of their own: 74 a checkpoint write failed
+# (the previous checkpoints stay; a restart resumes from the newest), 69 a collective waited longer
+# than run.collective_timeout_s (--collective-timeout-s) for a peer or lost it, 65 run.max_skipped_steps
+# non-finite steps in a row. torchrun restarts them like any failure, up to --max-restarts.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${NNODES:=1}"

@@ -1,12 +1,15 @@
 """``dist-sam train`` / ``python launch/train.py``: config in, trained model and ``summary.json`` out.
 
     python launch/train.py --config launch/configs/demo.yaml [section.key=value ...]
-        [--launcher env|mpi] [--deepspeed ds_config.json] [--print-config]
+        [--launcher env|mpi] [--deepspeed ds_config.json] [--collective-timeout-s S] [--print-config]
 
 The config is read and validated (every section, every key) before any process group, file or
 model is touched; a bad value exits with status 2 and a message naming the key, as does a
 checkpoint that must not be resumed from. A run stopped by a signal (``checkpoint.signals``)
 exits with status 75 after writing its checkpoint: torchrun restarts, ``launch/slurm.sbatch`` requeues.
+Faults are failures, named on every rank (:mod:`dist_sam.train.faults`): a failed checkpoint write
+exits 74, a collective that timed out (``run.collective_timeout_s``) or lost its peer 69,
+``run.max_skipped_steps`` non-finite steps in a row 65.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import sys
 import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, CheckpointWriteError
 from ..data import DatasetLayoutError
 from ..distributed.env import discover
 from ..distributed.launch import LAUNCHERS, init_distributed
 from .config import dump_yaml, load_config
+from .faults import CollectiveError, NonFiniteError, exit_status
 from .preempt import PREEMPTED_EXIT
 
 __all__ = ["main", "build_parser"]
@@ -38,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=LAUNCHERS, default="env",
                    help="env: torchrun or srun variables (default); mpi: mpi4py bootstrap under mpirun/mpiexec")
     p.add_argument("--deepspeed", metavar="JSON", default=None, help="train through dist_sam.deepspeed with this DeepSpeed config")
+    p.add_argument("--collective-timeout-s", type=float, default=None, metavar="S",
+                   help="seconds a collective waits for a peer (run.collective_timeout_s, default 600)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -51,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate, join the process group, train, write the outputs; return the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.collective_timeout_s is not None:
+            overrides.append(f"run.collective_timeout_s={args.collective_timeout_s!r}")
+        cfg = load_config(args.config, overrides)
         ds_config = None
         if args.deepspeed is not None:
             from .ds import deepspeed_config
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     _setup_logging(discover().rank)
-    env = init_distributed(args.launcher, always=args.deepspeed is not None)
+    env = init_distributed(args.launcher, timeout_s=cfg.run.collective_timeout_s, always=args.deepspeed is not None)
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     try:
         if ds_config is not None:
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetLayoutError) as err:  # every rank refuses alike, before training
         print(f"dist-sam train: {err}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, CollectiveError, NonFiniteError) as err:  # every rank stops alike, named
+        print(f"dist-sam train: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        return exit_status(err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

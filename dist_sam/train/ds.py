@@ -82,6 +82,8 @@ def deepspeed_config(cfg: TrainConfig, path: str) -> dict[str, Any]:
 class DeepSpeedTrainer(Trainer):
     """:class:`Trainer` with a DeepSpeed engine in place of DDP (ZeRO 0/1/2, bf16 or fp32)."""
 
+    guarded = False  # the engine's optimizer is DeepSpeed's; it skips and counts non-finite steps itself
+
     def __init__(self, cfg: TrainConfig, env, ds_config: dict[str, Any]) -> None:
         if cfg.model.compile:
             raise ValueError("model.compile=true is not supported with the DeepSpeed trainer (its engine wraps the "

@@ -5,13 +5,14 @@ method does one thing: :meth:`Trainer.run` loops over epochs, :meth:`Trainer.tra
 steps, :meth:`Trainer.save` / :meth:`Trainer.resume` (:mod:`.saving`) write and read the checkpoint.
 The checkpoint to resume from is chosen first (:mod:`.resume`), since its batch plan (:mod:`.plan`)
 decides the per-worker batch the loaders are built with. A stop signal (:mod:`.preempt`) ends the
-run after the step in flight, with a checkpoint, on every rank at the same step.
+run after the step in flight, with a checkpoint, on every rank at the same step. Faults
+(:mod:`.faults`) end it on every rank, named: a failed write, a collective that timed out or lost
+its peer, ``run.max_skipped_steps`` non-finite steps in a row (:mod:`.guard`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -29,13 +30,16 @@ from ..data import build_loader
 from ..distributed import CommCounter, DistEnv, barrier
 from ..distributed.collectives import broadcast_
 from ..optim.rwsam import RWSAM
-from .config import TrainConfig, dump_yaml, to_dict
+from .config import TrainConfig, dump_yaml
+from .faults import agree_on_write, attempt_write, collective_error
+from .guard import NanLosses, NonFiniteGuard
 from .metrics import Scalars, StepTimer, evaluate
 from .models import build_model
 from .plan import BatchPlan, initial_plan, replan
 from .preempt import StopSignal, maybe_inject_fault, maybe_send_signal
 from .parallel import shard
 from .resume import find_checkpoint
+from .outputs import OutputsMixin
 from .saving import CheckpointMixin
 from .sharded import full_model_state
 from .schedule import warmup_cosine
@@ -52,7 +56,7 @@ def _stop_device() -> torch.device:
     return torch.device("cpu")
 
 
-class Trainer(CheckpointMixin):
+class Trainer(CheckpointMixin, OutputsMixin):
     """Everything ``launch/train.py`` runs, for one rank.
 
     Args:
@@ -63,6 +67,8 @@ class Trainer(CheckpointMixin):
         CheckpointError: the checkpoint to resume from does not load, or no batch plan at this
             world size keeps its global batch and ascent group size (before any work).
     """
+
+    guarded = True  # watch for non-finite storms (DeepSpeed skips and counts its own)
 
     def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
         self.cfg, self.env, self.primary = cfg, env, env.rank == 0
@@ -82,11 +88,15 @@ class Trainer(CheckpointMixin):
             model = build_model(cfg.model.name, num_classes=num_classes, channels_last=cfg.data.channels_last,
                                 image_size=cfg.data.image_size,
                                 sync_bn=sync_bn).to(self.device)
-        self.loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.optim.label_smoothing)
+        self.loss_fn = NanLosses.wrap(nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.optim.label_smoothing),
+                                      env.rank)
         self.module: nn.Module = model  # the user's module: evaluated and saved
         self.comm: CommCounter | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.setup(model)
+        self.guard = (NonFiniteGuard(self.optimizer, self.scaler, cfg.run.max_skipped_steps, cfg.sam is None)
+                      if self.guarded else None)
+        self.in_flight = False  # a step is running (a collective failing now failed during it)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.saved_at: int | None = None
         self.history: list[dict[str, Any]] = []
@@ -148,19 +158,32 @@ class Trainer(CheckpointMixin):
             self.stop.install()  # until then a signal has its default action: no step to finish yet
         try:
             self.resume()
-            if self.primary:
-                os.makedirs(self.cfg.run.output_dir, exist_ok=True)
-                with open(os.path.join(self.cfg.run.output_dir, "config.yaml"), "w") as fh:
-                    fh.write(dump_yaml(self.cfg))
+            self.write_config()
             stopped = self.train_epochs()
             self.sync_buffers()
             self.final_state = full_model_state(self.model) if self.sharded else self.module.state_dict()
             self.digests = gather(weights_digest(self.final_state))  # every replica, bit for bit
             barrier()
+        except RuntimeError as err:  # a collective that timed out or lost its peer, named with the step
+            fault = collective_error(err, self.global_step + self.in_flight, "during" if self.in_flight else "after",
+                                     self.cfg.run.collective_timeout_s)
+            if fault is None:
+                raise
+            raise fault from err
         finally:
             self.stop.uninstall()
             self.scalars.close()
         return self.summary(finished=not stopped)
+
+    def write_config(self) -> None:
+        """Rank 0 writes ``config.yaml``; every rank stops, named, if it could not (a collective)."""
+        path = os.path.join(self.cfg.run.output_dir, "config.yaml")
+
+        def write() -> None:
+            os.makedirs(self.cfg.run.output_dir, exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(dump_yaml(self.cfg))
+        agree_on_write(attempt_write(write, path)[1] if self.primary else None, self.global_step, what=path)
 
     def train_epochs(self) -> bool:
         """The epoch loop; True if stopped early (``run.stop_at_step`` or a stop signal)."""
@@ -202,8 +225,14 @@ class Trainer(CheckpointMixin):
                     return False
                 images, labels, _ = batch  # padding repeats train like DistributedSampler's; eval masks them
                 maybe_send_signal(self.env.rank, self.global_step + 1)
+                if isinstance(self.loss_fn, NanLosses):
+                    self.loss_fn.at_step(self.global_step + 1)
+                self.in_flight = True
                 with self.timer("step"):
                     loss = self.step(images, labels)
+                self.in_flight = False
+                if self.guard is not None:  # raises after run.max_skipped_steps in a row
+                    self.guard.check(loss, self.global_step + 1)
                 self.global_step, self.step_in_epoch = self.global_step + 1, self.step_in_epoch + 1
                 self.session_steps += 1
                 self.session_images += images.shape[0] * self.env.world_size
@@ -261,39 +290,3 @@ class Trainer(CheckpointMixin):
                  self.epoch + 1, self.cfg.run.epochs, metrics["top1"], metrics["top5"], metrics["loss"],
                  metrics["num_samples"], self.images_per_second())
         return metrics
-
-    # -- outputs -------------------------------------------------------------------------------
-    def summary(self, finished: bool) -> dict[str, Any]:
-        """Accuracy, throughput, step-time breakdown, communication per step and the resolved config."""
-        steps = max(1, self.session_steps)
-        comm = None
-        if self.comm is not None:
-            comm = {"allreduce_calls_per_step": self.comm.calls / steps, "allreduce_bytes_per_step": self.comm.bytes / steps,
-                    "stop_flag_allreduces_per_step": self.stop.checks / steps,
-                    "note": "DDP gradient all-reduces (CommCounter); SyncBatchNorm/buffer broadcasts and the "
-                            "stop-signal flag (one float all-reduce every checkpoint.signal_check_every steps) not "
-                            "included in the calls and bytes"}
-        last = self.history[-1] if self.history else {}
-        return {
-            "finished": finished, "preempted": self.preempted, "stop_signal": self.stop.stop_signal,
-            "batch_plan": self.plan.to_dict(), "top1": last.get("top1"), "top5": last.get("top5"), "val_loss": last.get("loss"),
-            "best_top1": max((h["top1"] for h in self.history), default=None),
-            "epochs_completed": len(self.history), "global_step": self.global_step, "world_size": self.env.world_size,
-            "images_per_second": self.images_per_second(), "session_steps": self.session_steps,
-            "step_time_ms": self.timer.breakdown(steps), "eval_seconds": self.eval_seconds,
-            "comm_per_step": comm, "resumed_from": self.resumed_from, "history": self.history,
-            "replica_weights_sha256": self.digests, "replicas_agree": len(set(self.digests)) == 1,
-            "config": to_dict(self.cfg),
-        }
-
-    def write_outputs(self, summary: dict[str, Any]) -> None:
-        """Rank 0: ``summary.json`` and the final weights ``model.pt`` (both atomic)."""
-        if not self.primary:
-            return
-        out = self.cfg.run.output_dir
-        tmp = os.path.join(out, ".summary.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(summary, fh, indent=1)
-        os.replace(tmp, os.path.join(out, "summary.json"))
-        torch.save(self.final_state, os.path.join(out, ".model.pt.tmp"))
-        os.replace(os.path.join(out, ".model.pt.tmp"), os.path.join(out, "model.pt"))

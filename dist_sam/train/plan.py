@@ -9,8 +9,10 @@ with the same ``B`` and ``f`` trains on the same samples, in the same ascent gro
 with the same ascent. Resuming at world size ``n'`` keeps ``B`` and ``f``: ``b' = B / n'`` and
 ``k' = b' / f``; it needs ``n'`` to divide ``B / f``.
 
-``ascent: global`` perturbs with the all-reduced gradient of the per-worker forwards, so its
-BatchNorm batches (``b``) change with the world size: it resumes at its own world size only.
+Under ``ascent: micro`` the unit is ``m = micro_batch_size`` instead of ``f`` (each micro-batch is
+its own ascent group and forward): any ``n'`` dividing ``B / m`` works. ``ascent: global``
+perturbs with the all-reduced gradient of the per-worker forwards, so its BatchNorm batches
+(``b``) change with the world size: it resumes at its own world size only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Mapping
 from ..checkpoint import CheckpointError
 from .config import TrainConfig
 
-__all__ = ["BatchPlan", "initial_plan", "replan", "source_rank"]
+__all__ = ["BatchPlan", "initial_plan", "replan", "source_rank", "working_sizes", "group_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,33 +69,51 @@ def initial_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
     return BatchPlan(world_size, b, k)
 
 
-def _working_sizes(saved: BatchPlan) -> list[int]:
-    groups = saved.global_batch // saved.chunk
+def group_size(saved: BatchPlan, cfg: TrainConfig) -> int:
+    """The samples a resume must keep together: ``micro_batch_size`` under micro ascent (each
+    micro-batch is its own ascent group and forward), else the chunk ``f`` (m-SAM's group, the BN batch)."""
+    if cfg.sam is not None and cfg.sam.ascent == "micro":
+        return cfg.sam.micro_batch_size
+    return saved.chunk
+
+
+def working_sizes(saved: BatchPlan, cfg: TrainConfig) -> list[int]:
+    """The world sizes a resume of ``saved`` can run at (``ascent: global``/``full``: its own only)."""
+    if cfg.sam is not None and cfg.sam.ascent in ("global", "full"):
+        return [saved.world_size]
+    groups = saved.global_batch // group_size(saved, cfg)
     return [n for n in range(1, groups + 1) if groups % n == 0]
 
 
 def replan(saved: BatchPlan, world_size: int, cfg: TrainConfig, path: str) -> BatchPlan:
-    """The plan that keeps ``saved``'s global batch and chunk at ``world_size``.
+    """The plan that keeps ``saved``'s global batch and ascent groups at ``world_size``.
+
+    Local ascent (and plain SGD) keeps the chunk ``f``: ``b' = B / n'``, ``k' = b' / f``. Micro
+    ascent keeps ``m = micro_batch_size`` (its groups and forwards are the micro-batches whatever
+    ``k``): ``b' = B / n'``, and ``k' = b' / f`` where ``f`` still divides ``b'`` (nothing changes),
+    else ``k' = b' / m``.
 
     Raises:
-        CheckpointError: no such plan (``world_size`` does not divide ``B / f``, or ``ascent:
-            global``), naming the world sizes that work.
+        CheckpointError: no such plan (``world_size`` does not divide ``B / f`` -- ``B / m`` under
+            micro ascent --, or ``ascent: global``/``full``), naming the world sizes that work.
     """
     if world_size == saved.world_size:
         return saved
-    B, f = saved.global_batch, saved.chunk
-    works = ", ".join(map(str, _working_sizes(saved)))
+    B, f, unit = saved.global_batch, saved.chunk, group_size(saved, cfg)
+    works = ", ".join(map(str, working_sizes(saved, cfg)))
     if cfg.sam is not None and cfg.sam.ascent in ("global", "full"):
         raise CheckpointError(path, f"written at world size {saved.world_size}, running with {world_size}: "
                               f"ascent={cfg.sam.ascent!r} perturbs from per-worker forwards of batch_size, which would "
                               f"change", f"resume with world size {saved.world_size}")
-    if B % world_size or (B // world_size) % f:
-        raise CheckpointError(path, f"written at world size {saved.world_size} (global batch {B}, {f} samples per "
-                              f"ascent group/forward); world size {world_size} cannot keep both",
-                              f"resume with a world size among {works} (divisors of {B // f} = global batch / "
-                              "group size), or start a new run")
+    micro = cfg.sam is not None and cfg.sam.ascent == "micro"
+    if B % world_size or (B // world_size) % unit:
+        per = "samples per micro-batch (sam.micro_batch_size)" if micro else "samples per ascent group/forward"
+        raise CheckpointError(path, f"written at world size {saved.world_size} (global batch {B}, {unit} {per}); "
+                              f"world size {world_size} cannot keep both",
+                              f"resume with a world size among {works} (divisors of {B // unit} = global batch / "
+                              f"{'micro_batch_size' if micro else 'group size'}), or start a new run")
     b = B // world_size
-    return BatchPlan(world_size, b, b // f)
+    return BatchPlan(world_size, b, b // f if b % f == 0 else b // unit)
 
 
 def source_rank(saved: BatchPlan, plan: BatchPlan, rank: int) -> int:

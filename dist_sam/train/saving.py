@@ -7,10 +7,12 @@ of its *current* rank (torchrun and SLURM may reassign ranks), or, after a chang
 saved rank that read that group (``RWSAM.group_mu`` when they differ), and the RNG state of its own
 rank number where that rank existed (a fresh seed otherwise).
 
-The DDP writer is :func:`dist_sam.checkpoint.save_checkpoint` on rank 0 followed by a barrier, so
-no rank goes on (or exits, on preemption) before the step directory is committed. A sharded
-writer (torch.distributed.checkpoint) fits the same shape: rank 0 ``begin_checkpoint``, barrier,
-every rank writes its files and reports their records, rank 0 ``commit_checkpoint``, barrier.
+The DDP writer is :func:`dist_sam.checkpoint.save_checkpoint` on rank 0 followed by an agreement
+(:func:`dist_sam.train.faults.agree_on_write`, in place of a barrier), so no rank goes on (or
+exits, on preemption) before the step directory is committed, and a failed write stops every rank
+with the same :class:`~dist_sam.checkpoint.CheckpointWriteError` (exit 74). A sharded writer
+(torch.distributed.checkpoint) fits the same shape: rank 0 ``begin_checkpoint``, agreement, every
+rank writes its files and reports their records, rank 0 ``commit_checkpoint``, agreement.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from ..checkpoint import CheckpointError, save_checkpoint
-from ..distributed import barrier
 from .config import to_dict
 from ..optim.rwsam import RWSAM
+from .faults import NonFiniteError, agree_on_write, attempt_write
 from .plan import BatchPlan, source_rank
 from .state import CHECKPOINT_VERSION, RANK_LOCAL_OPTIMIZER_KEYS, gather, rng_state, set_rng_state
 
@@ -66,10 +70,23 @@ class CheckpointMixin:
         return {**self.position(), "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": None, "per_rank": per_rank}
 
+    def weights_finite(self) -> bool:
+        """Whether this rank's weights (its shards under FSDP2) are all finite."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
+        return all(bool(torch.isfinite(p).all()) for p in local if p.is_floating_point())
+
     def save(self) -> None:
-        """Gather the per-rank state; rank 0 writes the step directory; everyone waits (a collective)."""
+        """Gather the per-rank state; rank 0 writes the step directory; everyone waits (a collective).
+
+        Raises:
+            NonFiniteError: on every rank, writing nothing, if any rank's weights are not finite.
+            CheckpointWriteError: on every rank, if a write failed on any rank.
+        """
         with self.timer("checkpoint"):
-            per_rank = gather(self.rank_state())
+            per_rank, finite = map(list, zip(*gather((self.rank_state(), self.weights_finite()))))
+            if not all(finite):  # the last checkpoint stays the newest: it holds finite weights
+                raise NonFiniteError(f"refusing to checkpoint step {self.global_step}: non-finite weights on "
+                                     f"rank(s) {[r for r, ok in enumerate(finite) if not ok]}")
             if self.sharded:
                 from .sharded import save_sharded
 
@@ -77,13 +94,16 @@ class CheckpointMixin:
                              self.cfg.checkpoint_dir, step=self.global_step, keep_last=self.cfg.checkpoint.keep_last,
                              meta={"engine": "fsdp", "world_size": self.env.world_size, "plan": self.plan.to_dict(),
                                    "global_step": self.global_step})
-            elif self.primary:
-                path = save_checkpoint(self.state_dict(per_rank), self.cfg.checkpoint_dir, step=self.global_step,
-                                       keep_last=self.cfg.checkpoint.keep_last, finite=("model",),
-                                       meta={"engine": "ddp", "world_size": self.env.world_size,
-                                             "plan": self.plan.to_dict(), "global_step": self.global_step})
-                log.debug("checkpoint %s", path)
-            barrier()
+            else:
+                failure = None
+                if self.primary:
+                    meta = {"engine": "ddp", "world_size": self.env.world_size, "plan": self.plan.to_dict(),
+                            "global_step": self.global_step}
+                    path, failure = attempt_write(lambda: save_checkpoint(
+                        self.state_dict(per_rank), self.cfg.checkpoint_dir, step=self.global_step,
+                        keep_last=self.cfg.checkpoint.keep_last, finite=("model",), meta=meta), self.cfg.checkpoint_dir)
+                    log.debug("checkpoint %s", path)
+                agree_on_write(failure, self.global_step)  # every rank raises alike, or goes on
         self.saved_at = self.global_step
 
     def check_world_size(self, state: dict[str, Any], path: str) -> None:

@@ -7,10 +7,13 @@ Layout of a step directory written by an FSDP2 run::
         dcp/           DCP: every rank writes its shards of the model and the base optimizer
         manifest.json  written last by rank 0: size and SHA-256 of every file above
 
-Protocol (a collective): rank 0 creates the staging directory; barrier; every rank writes its DCP
+Protocol (a collective): rank 0 creates the staging directory; agreement; every rank writes its DCP
 shards (DCP itself gathers the plan and rank 0 writes ``dcp/.metadata``) and describes the files it
-wrote; the records are gathered; rank 0 writes ``state.pt`` and commits (manifest, fsync, rename);
-barrier. A job killed anywhere before the rename leaves only a ``.partial`` directory.
+wrote; the records and failures are gathered; rank 0 writes ``state.pt`` and commits (manifest,
+fsync, rename); agreement. A job killed anywhere before the rename leaves only a ``.partial``
+directory. A write that fails on any rank, in any phase, raises the same
+:class:`~dist_sam.checkpoint.CheckpointWriteError` on every rank right after that phase (each
+agreement is one ``all_gather_object`` of the ranks' failures, :mod:`dist_sam.train.faults`).
 
 Loading goes through DCP, which re-shards to the running world size. Weights that load non-finite
 are refused on every rank. :func:`export_model_state` turns either kind of checkpoint into a plain
@@ -21,17 +24,20 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from ..checkpoint import (PAYLOAD, CheckpointError, begin_checkpoint, commit_checkpoint, describe_file, staging_dir,
-                          verify_checkpoint, write_file)
+from ..checkpoint import (PAYLOAD, CheckpointError, begin_checkpoint, commit_checkpoint, describe_file,
+                          injected_fault, staging_dir, verify_checkpoint, write_file)
+from .faults import agree_on_write, attempt_write
 
 __all__ = ["DCP_DIR", "save_sharded", "load_sharded", "full_model_state", "export_model_state"]
 
@@ -44,30 +50,73 @@ def _gather(obj: Any) -> list[Any]:
     return objs
 
 
+class _FaultyFileSystem(FileSystem):
+    """Testing aid (:data:`dist_sam.checkpoint.WRITE_FAULT_ENV`): this rank's shard files fail to open."""
+
+    def __init__(self, fault: int, rank: int) -> None:
+        super().__init__()
+        self.fault, self.prefix = fault, f"__{rank}_"
+
+    def create_stream(self, path, mode):
+        if "w" in mode and os.path.basename(str(path)).startswith(self.prefix):
+            raise OSError(self.fault, os.strerror(self.fault), str(path))
+        return super().create_stream(path, mode)
+
+
+def _storage_writer(path: str, rank: int, step: int) -> FileSystemWriter:
+    writer = FileSystemWriter(path)
+    fault = injected_fault(rank, step)
+    if fault is not None:
+        writer.fs = _FaultyFileSystem(fault, rank)
+    return writer
+
+
+def _write_shards(model: nn.Module, base_optimizer: torch.optim.Optimizer, staging: str, rank: int,
+                  step: int) -> dict[str, Any]:
+    """DCP-save this rank's shards into ``staging/dcp``; the manifest records of the files it wrote."""
+    model_sd, optim_sd = get_state_dict(model, base_optimizer)
+    writer = _storage_writer(os.path.join(staging, DCP_DIR), rank, step)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=writer)
+    return {os.path.relpath(f, staging): describe_file(f) for f in glob.glob(os.path.join(staging, DCP_DIR, f"__{rank}_*"))}
+
+
 def save_sharded(model: nn.Module, base_optimizer: torch.optim.Optimizer, payload: dict[str, Any], directory: str,
                  *, step: int, keep_last: int, meta: dict[str, Any]) -> str | None:
-    """Write one sharded checkpoint (call on every rank); rank 0 returns the step directory."""
+    """Write one sharded checkpoint (call on every rank); rank 0 returns the step directory.
+
+    Raises:
+        CheckpointWriteError: on every rank alike, when a write failed on any rank.
+    """
     rank = dist.get_rank()
-    if rank == 0:
-        begin_checkpoint(directory, step)
-    dist.barrier()
     staging = staging_dir(directory, step)
-    model_sd, optim_sd = get_state_dict(model, base_optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(staging, DCP_DIR))
-    mine = {os.path.relpath(f, staging): describe_file(f)
-            for f in glob.glob(os.path.join(staging, DCP_DIR, f"__{rank}_*"))}
+    failure = attempt_write(lambda: begin_checkpoint(directory, step), directory)[1] if rank == 0 else None
+    agree_on_write(failure, step)
+    mine, failure = attempt_write(lambda: _write_shards(model, base_optimizer, staging, rank, step), staging)
     files: dict[str, Any] = {}
-    for records in _gather(mine):
-        files.update(records)
-    path = None
-    if rank == 0:
-        meta_file = os.path.join(staging, DCP_DIR, ".metadata")
-        files[os.path.relpath(meta_file, staging)] = describe_file(meta_file)
-        files[PAYLOAD] = write_file(staging, PAYLOAD, payload)
-        path = commit_checkpoint(staging, directory, step, files, required=list(payload), meta=meta,
-                                 keep_last=keep_last)
-    dist.barrier()
+    try:
+        gathered = _gather((mine, failure))
+        for records, _ in gathered:
+            files.update(records or {})
+        faults = [fault for _, fault in gathered if fault is not None]
+        agree_on_write(faults[0] if faults else None, step)
+        path = None
+        if rank == 0:
+            path, failure = attempt_write(lambda: _commit(staging, directory, step, files, payload, keep_last, meta),
+                                          staging)
+        agree_on_write(failure, step)
+    except BaseException:
+        if rank == 0:  # the previous checkpoints stay; the half-written one goes
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return path
+
+
+def _commit(staging: str, directory: str, step: int, files: dict[str, Any], payload: dict[str, Any], keep_last: int,
+            meta: dict[str, Any]) -> str:
+    meta_file = os.path.join(staging, DCP_DIR, ".metadata")
+    files[os.path.relpath(meta_file, staging)] = describe_file(meta_file)
+    files[PAYLOAD] = write_file(staging, PAYLOAD, payload)
+    return commit_checkpoint(staging, directory, step, files, required=list(payload), meta=meta, keep_last=keep_last)
 
 
 def load_sharded(model: nn.Module, base_optimizer: torch.optim.Optimizer, path: str) -> None:
