@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_DIR", "write_json", "pyplot", "save_figure", "bars", "machine"]
+__all__ = ["RESULTS_DIR", "write_json", "pyplot", "save_figure", "bars", "machine", "redraw"]
 
 #: Where results are written by default: ``benchmarks/results``.
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
@@ -56,6 +56,25 @@ def bars(ax, names: list[str], groups: dict[str, dict[str, float]], errs: dict[s
         ax.bar(xs, ys, width, yerr=yerr, capsize=2, label=label)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(labels or names, rotation=45, ha="right", fontsize=8)
+
+
+def redraw(argv: list[str] | None, prog: str, markdown, figure) -> int:
+    """The ``python -m <prog> RESULTS.json`` command line: rewrite ``<name>.md`` and ``<name>.png``
+    beside a results JSON with ``markdown(result) -> str`` and ``figure(result, path)``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print(f"usage: python -m {prog} RESULTS.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as fh:
+        result = json.load(fh)
+    stem = os.path.join(os.path.dirname(os.path.abspath(argv[0])), result["name"])
+    with open(stem + ".md", "w") as fh:
+        fh.write(markdown(result))
+    figure(result, stem + ".png")
+    print(f"wrote {stem}.md, {stem}.png")
+    return 0
 
 
 def _cpu_model() -> str | None:

@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-from ..common.output import pyplot as _pyplot
+from ..common.output import pyplot as _pyplot, redraw, save_figure
 from .cost_select import setting_key
 
 __all__ = ["cost_markdown", "cost_figure", "main"]
@@ -103,25 +101,12 @@ def cost_figure(result: dict, path: str) -> None:
         ax.set_title(f"{int(100 * noise)}% label noise", fontsize=9)
         ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"{result['name']}: accuracy per cost at validation-tuned settings", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the markdown and figure of a cost grid's JSON."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m benchmarks.study.cost_plots RESULTS.json", file=sys.stderr)
-        return 2
-    with open(argv[0]) as fh:
-        result = json.load(fh)
-    stem = os.path.join(os.path.dirname(os.path.abspath(argv[0])), result["name"])
-    with open(stem + ".md", "w") as fh:
-        fh.write(cost_markdown(result))
-    cost_figure(result, stem + ".png")
-    print(f"wrote {stem}.md, {stem}.png")
-    return 0
+    return redraw(argv, "benchmarks.study.cost_plots", cost_markdown, cost_figure)
 
 
 if __name__ == "__main__":

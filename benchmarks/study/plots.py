@@ -10,12 +10,10 @@ mean ± standard error of the paired differences.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import textwrap
 
-from ..common.output import pyplot as _pyplot
+from ..common.output import pyplot as _pyplot, redraw, save_figure
 
 __all__ = ["grid_markdown", "grid_figure", "main"]
 
@@ -185,25 +183,12 @@ def grid_figure(result: dict, path: str) -> None:
         _paired_panel(axes[0][-1], result)
     fig.suptitle("\n".join(textwrap.wrap(f"{result['name']}: {result['config']['description']}",
                                         int(17 * 5.2 * (n_main + extra)))), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the markdown and figure of a study grid's JSON."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m benchmarks.study.plots RESULTS.json", file=sys.stderr)
-        return 2
-    with open(argv[0]) as fh:
-        result = json.load(fh)
-    stem = os.path.join(os.path.dirname(os.path.abspath(argv[0])), result["name"])
-    with open(stem + ".md", "w") as fh:
-        fh.write(grid_markdown(result))
-    grid_figure(result, stem + ".png")
-    print(f"wrote {stem}.md, {stem}.png")
-    return 0
+    return redraw(argv, "benchmarks.study.plots", grid_markdown, grid_figure)
 
 
 if __name__ == "__main__":
