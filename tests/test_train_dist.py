@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dist_sam.checkpoint import load_checkpoint
+from dist_sam.checkpoint_load import describe_file
 from dist_sam.train import cli
 from dist_sam.train.models import build_model
 from dist_utils import free_port
@@ -129,16 +131,36 @@ def one_thread():
     torch.use_deterministic_algorithms(False)
 
 
+def _give_rank_its_own_mu(output_dir: str, step: int, rank: int, mu: float) -> None:
+    """Rewrite ``rank``'s saved RW-SAM ``mu`` in checkpoint ``step`` (payload and manifest hash together).
+
+    Both ranks' ``mu: auto`` calibrations pick the same candidate (1e-5) on every ISA tried here
+    (AVX-512/AMX, AVX2, SSE4.1; errors differ only in the rounding), so whether the straight run's ranks
+    differ was up to the machine. Giving rank 1 another ``mu`` makes the groups differ by construction."""
+    path = os.path.join(output_dir, "checkpoints", f"step_{step:09d}")
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    state["per_rank"][rank]["optimizer"]["rwsam"]["mu"] = mu
+    torch.save(state, os.path.join(path, "state.pt"))
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    manifest["files"]["state.pt"] = describe_file(os.path.join(path, "state.pt"))
+    with open(os.path.join(path, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh)
+
+
 @pytest.mark.parametrize("path", ["2->1", "2->1->2"])
 def test_world_size_change_keeps_samples_and_matches_up_to_reduction_order(straight, tmp_path, path, one_thread):
     """2 workers of 8 -> 1 worker of 16 in 2 chunks of 8 (m = 8) [-> 2 workers of 8 again], RW-SAM with
-    ``mu: auto``: the straight run's ranks calibrated different mu, and each group keeps its own."""
-    data, reference = straight
-    mus = [r["optimizer"]["rwsam"]["mu"] for r in _ckpt(reference, 6)["per_rank"]]
-    assert mus[0] != mus[1]  # so that carrying one mu over to both groups would be caught
-    out = str(tmp_path / "ws")
+    ``mu: auto``: the two ranks hold different mu after step 2, and each group keeps its own."""
+    data, _ = straight
+    out, reference = str(tmp_path / "ws"), str(tmp_path / "reference")
     cfg = tiny_config(str(tmp_path / "c.yaml"), data, out)
     torchrun(["--config", cfg, "run.stop_at_step=2"])
+    own = _ckpt(out, 2)["per_rank"][0]["optimizer"]["rwsam"]["mu"]
+    mus = [own, own * 10]  # rank 1 takes the next candidate up
+    _give_rank_its_own_mu(out, 2, 1, mus[1])
+    shutil.copytree(out, reference)
+    torchrun(["--config", tiny_config(str(tmp_path / "r.yaml"), data, reference)])  # the reference: 2 workers on
+    assert [r["optimizer"]["rwsam"]["mu"] for r in _ckpt(reference, 6)["per_rank"]] == mus
     if path == "2->1":
         assert cli.main(["--config", cfg]) == 0
         expect = {"world_size": 1, "batch_size": 16, "accumulation_steps": 2}
