@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _BLOCK_EXTRAS = """
 import sys
-for name in ("deepspeed", "nvidia", "nvidia.dali", "mpi4py", "sklearn", "tensorboard", "matplotlib"):
+for name in ("deepspeed", "nvidia", "nvidia.dali", "mpi4py", "sklearn", "tensorboard", "matplotlib", "timm"):
     sys.modules[name] = None  # makes `import name` raise ImportError
 import dist_sam
 from dist_sam import SAM, USAM, ASAM, sam_step, create_optimizer, list_optimizers

@@ -98,7 +98,14 @@ def capture_rng(devices: Sequence[torch.device] = ()) -> tuple:
 
 
 def final_linear(module: nn.Module, last_layer: str | nn.Module | None) -> nn.Linear:
-    """The ``nn.Linear`` producing the logits: ``last_layer`` (a submodule or its name), else the last one."""
+    """The ``nn.Linear`` producing the logits: ``last_layer`` (a submodule or its name), else the
+    model's own ``get_classifier()`` (timm's convention), else the last ``nn.Linear``."""
+    if last_layer is None and callable(getattr(module, "get_classifier", None)):
+        last_layer = module.get_classifier()  # timm: fc, head, head.fc; a tuple for distilled heads
+        if not isinstance(last_layer, nn.Linear):
+            raise ValueError(f"estimator='last_layer' needs one nn.Linear producing the logits; "
+                             f"{type(module).__name__}.get_classifier() is {type(last_layer).__name__}: "
+                             f"name one with last_layer=... or use estimator='fd'")
     if last_layer is None:
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         if not linears:

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Sequence
 
 from ..distributed.fsdp import FSDP_MEMORY
-from .models import MODELS
+from .models import check_model_name
 from .parallel import PARALLEL
 
 __all__ = ["RunConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "CheckpointConfig", "PRECISIONS",
@@ -99,7 +99,8 @@ class RunConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    """``name`` in :data:`~dist_sam.train.models.MODELS`; ``num_classes: null`` counts the class folders.
+    """``name`` in :data:`~dist_sam.train.models.MODELS` or ``timm/<name>`` (any ``timm.list_models()``
+    name, random init; needs ``pip install 'dist-sam[timm]'``); ``num_classes: null`` counts the class folders.
 
     ``parallel``: ``ddp`` (a replica per process) or ``fsdp`` (FSDP2 units per residual stage or
     encoder block, see :mod:`dist_sam.train.parallel`; checkpoints through
@@ -123,7 +124,7 @@ class ModelConfig:
     fsdp_memory: str = "resident"
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODELS)
+        check_model_name(self.name)
         _int("model.num_classes", self.num_classes, 2, optional=True)
         _bool("model.sync_bn", self.sync_bn)
         _bool("model.compile", self.compile)
