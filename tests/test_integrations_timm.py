@@ -241,3 +241,13 @@ def test_timm_recipe_runs_two_steps_on_synthetic_data():
     ema = dict(out["ema"].named_parameters())
     assert all(torch.isfinite(v).all() for v in ema.values())
     assert any(not torch.equal(ema[k], w[k]) for k in w)  # the EMA trails the weights
+
+
+def test_fsdp_units_are_a_timm_models_blocks_or_stages():
+    from dist_sam.train.parallel import fsdp_units
+
+    for name, attr in (("timm/test_vit", "blocks"), ("timm/test_convnext", "stages"), ("timm/test_resnet", None)):
+        model = build_model(name, num_classes=3, image_size=32)
+        units = fsdp_units(model)
+        expected = list(getattr(model, attr)) if attr else [model.layer1, model.layer2, model.layer3, model.layer4]
+        assert len(units) == len(expected) > 1 and all(u is e for u, e in zip(units, expected)), name

@@ -11,13 +11,18 @@ PARALLEL = ("ddp", "fsdp")
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules that become FSDP2 units: a ResNet's residual stages (``layer1``..``layer4``),
-    a torchvision ViT's encoder blocks, else the model's direct children that own parameters."""
+    """The submodules that become FSDP2 units: a ResNet's residual stages (``layer1``..``layer4``,
+    torchvision's and timm's), a torchvision ViT's encoder blocks, a timm model's ``blocks`` (ViTs)
+    or ``stages`` (ConvNeXt, EfficientNet's ``blocks`` too), else the direct children that own parameters."""
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         return [getattr(model, f"layer{i}") for i in range(1, 5)]
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layers"):
         return list(encoder.layers)
+    for name in ("blocks", "stages"):
+        seq = getattr(model, name, None)
+        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) > 1:
+            return list(seq)
     return [m for m in model.children() if any(p.requires_grad for p in m.parameters())]
 
 
