@@ -226,6 +226,24 @@ def test_soft_target_cross_entropy_is_the_mean_of_the_per_sample_loss():
     assert per_sample.shape == (8,)
     torch.testing.assert_close(per_sample.mean(), timm.loss.SoftTargetCrossEntropy()(logits, soft.double()),
                                rtol=1e-12, atol=1e-12)
+    # BinaryCrossEntropy (timm's BCE recipe) averages over samples and classes: per sample, mean(1)
+    bce = timm.loss.BinaryCrossEntropy(smoothing=0.1, reduction="none")(logits, soft.double()).mean(1)
+    torch.testing.assert_close(bce.mean(), timm.loss.BinaryCrossEntropy(smoothing=0.1)(logits, soft.double()),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_timm_scheduler_drives_the_sam_optimizer():
+    """SAM shares timm's optimizer's param groups, so a timm scheduler sets the lr SAM steps with."""
+    import timm.optim
+    import timm.scheduler
+
+    model = build_model("timm/test_vit", num_classes=3, image_size=32)
+    base = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    opt = dist_sam.SAM(None, base, rho=0.05)
+    assert len(opt.param_groups) == 2  # timm's decay and no-decay groups
+    sched, _ = timm.scheduler.create_scheduler_v2(opt, "cosine", num_epochs=10, warmup_epochs=2, warmup_lr=1e-5)
+    sched.step(5)
+    assert [g["lr"] for g in base.param_groups] == [g["lr"] for g in opt.param_groups] != [1e-3, 1e-3]
 
 
 def test_timm_recipe_runs_two_steps_on_synthetic_data():
