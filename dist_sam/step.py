@@ -158,7 +158,7 @@ def sam_step(
     engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
     engine.check(optimizer)
     _check_looksam(optimizer, ascent, micro_impl)
-    _check_first_order(optimizer, ascent, engine, scaler)
+    _check_first_order(optimizer, ascent, engine, scaler, micro_impl)
     _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
@@ -196,7 +196,7 @@ def _check_looksam(optimizer, ascent, micro_impl) -> None:
         raise ValueError(f"LookSAM runs with micro_impl='loop', got micro_impl={micro_impl!r}")
 
 
-def _check_first_order(optimizer, ascent, engine, scaler) -> None:
+def _check_first_order(optimizer, ascent, engine, scaler, micro_impl) -> None:
     """First-order m-SAM: device-local groups, double backward on a plain or DDP model, no fp16 scaler."""
     if not isinstance(optimizer, FirstOrderMSAM):
         return
@@ -207,6 +207,9 @@ def _check_first_order(optimizer, ascent, engine, scaler) -> None:
         raise ValueError("FirstOrderMSAM runs on plain and DDP models (double backward); an FSDP2 model is not supported")
     if scaler is not None:
         raise ValueError("FirstOrderMSAM does not take a GradScaler (fp16); use bf16 autocast or fp32")
+    if engine.compiled and micro_impl == "loop":  # aot_autograd: "does not currently support double backward"
+        raise ValueError("FirstOrderMSAM with micro_impl='loop' cannot run a torch.compile'd model (no double "
+                         "backward through compiled graphs, torch 2.14.1); use micro_impl='vmap' (eager) or the eager model")
     optimizer.penalty_rho()  # one rho > 0 over the param groups, or a ValueError naming them
 
 

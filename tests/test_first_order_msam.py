@@ -215,6 +215,9 @@ def test_bad_inputs_are_refused_naming_the_value():
     opt.param_groups[0]["rho"] = 0.0  # a rho schedule that reached 0
     with pytest.raises(ValueError, match=r"got \[0.0\]"):
         sam_step(model, opt, CE, x, y)
+    with pytest.raises(ValueError, match="torch.compile'd model"):
+        sam_step(torch.compile(model), opt_ok := create_optimizer("msam-fo", params, rho=0.1, lr=0.1), CE, x, y)
+    assert opt_ok.num_steps == 0
     dropout = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5))
     with pytest.raises(ValueError, match="dropout"):
         sam_step(dropout, create_optimizer("msam-fo", dropout.parameters(), rho=0.1, lr=0.1),
