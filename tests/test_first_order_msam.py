@@ -175,6 +175,22 @@ def test_equals_msam_to_first_order():
     assert all(3.6 < r < 4.4 for r in ratios), (diffs, ratios)
 
 
+def test_interval_takes_plain_steps_in_between():
+    model = make_mlp()
+    opt = create_optimizer("msam-fo", model.parameters(), base=Recorder, rho=0.1, interval=2)
+    seen = []
+    for step in range(2):
+        x, y = make_batch("mlp", 8, seed=step)
+        sam_step(model, opt, CE, x, y, ascent="micro", micro_batch_size=2)
+        seen.append(opt.base_optimizer.seen)
+    x, y = make_batch("mlp", 8, seed=0)
+    for a, b in zip(seen[0], ref_first_order_grad(model, x, y, 2, 0.1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    x, y = make_batch("mlp", 8, seed=1)
+    for a, b in zip(seen[1], torch.autograd.grad(CE(model(x), y).mean(), list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_loop_and_vmap_agree_in_float32_with_param_groups():
     a, b = make_cnn(dtype=torch.float32), make_cnn(dtype=torch.float32)
     opts = []
