@@ -6,7 +6,7 @@ SAM step costs one all-reduce, as SGD. See ``README.md`` and ``../shared/docs/SP
 
 from . import diagnostics
 from .bn import frozen_running_stats
-from .optim import ASAM, RWSAM, SAM, USAM, LookSAM, create_optimizer, list_optimizers
+from .optim import ASAM, RWSAM, SAM, USAM, FirstOrderMSAM, LookSAM, create_optimizer, list_optimizers
 from .step import ASCENT_MODES, base_step, sam_step
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "ASAM",
     "RWSAM",
     "LookSAM",
+    "FirstOrderMSAM",
     "diagnostics",
     "create_optimizer",
     "list_optimizers",

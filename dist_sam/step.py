@@ -22,6 +22,7 @@ its own ascent: ``m = b/k`` under ``local`` (m-SAM over the chunks), and one all
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any, Iterable
 
@@ -29,10 +30,12 @@ import torch
 from torch import nn
 
 from .bn import frozen_running_stats
-from .core import LossFn, per_sample_losses, plain_passes, sam_passes
+from .core import LossFn, penalty_passes, per_sample_losses, plain_passes, sam_passes
 from .distributed import collectives
 from .distributed.engines import DDPEngine, engine_for
 from .optim.batched import MICRO_IMPLS, batched_micro_grads, check_batchable
+from .optim.first_order import FirstOrderMSAM
+from .optim.first_order_vmap import batched_penalty_grads
 from .optim.looksam import LookSAM
 from .optim.sam import SAM
 
@@ -145,7 +148,8 @@ def sam_step(
         micro_impl: ``loop`` (one micro-batch after another) or ``vmap`` (every micro-batch's
             ascent and descent as one ``torch.func`` computation, :mod:`dist_sam.optim.batched`:
             the same step, ``b/m`` stacked copies of the weights); ``ascent="micro"`` only, plain
-            or DDP models.
+            or DDP models. With a :class:`~dist_sam.optim.first_order.FirstOrderMSAM` (``"msam-fo"``)
+            the same choice takes its group gradients one by one or all at once.
 
     Returns:
         The mean per-sample loss at the unperturbed weights ``w``.
@@ -154,12 +158,22 @@ def sam_step(
     engine = engine_for(model, scaler=scaler, ascent=ascent, **({} if fsdp_memory is None else {"fsdp_memory": fsdp_memory}))
     engine.check(optimizer)
     _check_looksam(optimizer, ascent, micro_impl)
+    _check_first_order(optimizer, ascent, engine, scaler, micro_impl)
     _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn)
     if not optimizer.should_perturb():
         return base_step(model, optimizer, loss_fn, inputs, targets, clip_grad_norm=clip_grad_norm, scaler=scaler,
                          accumulation_steps=accumulation_steps, autocast_dtype=autocast_dtype)
     autocast = _autocast(inputs, autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
+    if isinstance(optimizer, FirstOrderMSAM):  # w never perturbed: L + (rho/c) sum_j ||g_j||, differentiated
+        rho = optimizer.penalty_rho()
+        if micro_impl == "vmap":
+            grads_fn = functools.partial(batched_penalty_grads, rho=rho)
+            loss = _vmap_micro(engine, optimizer, loss_fn, inputs, targets, micro_batch_size, autocast, grads_fn)
+        else:
+            loss = penalty_passes(engine, optimizer.params, loss_fn, inputs, targets, num_groups, rho, autocast=autocast)
+        engine.finish(optimizer, clip_grad_norm, scaler)
+        return loss
     if micro_impl == "vmap":
         loss = _vmap_micro(engine, optimizer, loss_fn, inputs, targets, micro_batch_size, autocast)
         engine.finish(optimizer, clip_grad_norm, scaler)
@@ -182,6 +196,23 @@ def _check_looksam(optimizer, ascent, micro_impl) -> None:
         raise ValueError(f"LookSAM runs with micro_impl='loop', got micro_impl={micro_impl!r}")
 
 
+def _check_first_order(optimizer, ascent, engine, scaler, micro_impl) -> None:
+    """First-order m-SAM: device-local groups, double backward on a plain or DDP model, no fp16 scaler."""
+    if not isinstance(optimizer, FirstOrderMSAM):
+        return
+    if ascent not in ("local", "micro"):
+        raise ValueError(f"FirstOrderMSAM runs with ascent='local' or 'micro' (its groups are device-local), "
+                         f"got ascent={ascent!r}")
+    if not isinstance(engine, DDPEngine):
+        raise ValueError("FirstOrderMSAM runs on plain and DDP models (double backward); an FSDP2 model is not supported")
+    if scaler is not None:
+        raise ValueError("FirstOrderMSAM does not take a GradScaler (fp16); use bf16 autocast or fp32")
+    if engine.compiled and micro_impl == "loop":  # aot_autograd: "does not currently support double backward"
+        raise ValueError("FirstOrderMSAM with micro_impl='loop' cannot run a torch.compile'd model (no double "
+                         "backward through compiled graphs, torch 2.14.1); use micro_impl='vmap' (eager) or the eager model")
+    optimizer.penalty_rho()  # one rho > 0 over the param groups, or a ValueError naming them
+
+
 def _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn) -> None:
     if micro_impl not in MICRO_IMPLS:
         raise ValueError(f"micro_impl must be one of {MICRO_IMPLS}, got {micro_impl!r}")
@@ -197,14 +228,14 @@ def _check_micro_impl(micro_impl, ascent, engine, optimizer, scaler, freeze_bn) 
                       "not supported from eager code", stacklevel=3)
 
 
-def _vmap_micro(engine, optimizer, loss_fn, inputs, targets, m, autocast) -> torch.Tensor:
+def _vmap_micro(engine, optimizer, loss_fn, inputs, targets, m, autocast, grads_fn=batched_micro_grads) -> torch.Tensor:
     """Batched m-SAM (:mod:`dist_sam.optim.batched`). Under DDP: first rank 0's buffers, as the loop's
     first forward takes them (DDP broadcasts after a synchronized forward), then one all-reduce of
     the gradients; the ranks' BatchNorm statistics then differ as the loop leaves them."""
     ddp = engine.wrapped.ddp
     if ddp is not None and ddp.broadcast_buffers:
         collectives.broadcast_(list(engine.eager.buffers()))
-    grads, losses = batched_micro_grads(engine.eager, optimizer, loss_fn, inputs, targets, m, autocast=autocast)
+    grads, losses = grads_fn(engine.eager, optimizer, loss_fn, inputs, targets, m, autocast=autocast)
     if ddp is not None:  # one reduction per step over DDP's own group, as DDP makes it
         collectives.all_reduce_mean_(grads, group=ddp.process_group)
     for p, g in zip(optimizer.params, grads):

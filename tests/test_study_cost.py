@@ -85,6 +85,10 @@ def test_cost_quick_counts_passes(quick):
             row = t[f"{family} k={k}"]
             assert row["forward_per_step"] == pytest.approx(1 + 1 / k) and row["backward_per_step"] == pytest.approx(1 + 1 / k)
             assert row["off_steps_per_cycle"] == k - 1 and row["off_step_ratio_vs_sgd"] > 0
+    for k in (2, 4):  # first-order m-SAM: one forward per group of b/k; the penalty's double backward
+        row = t[f"msam-fo b/{k}"]  # crosses the model's output twice (autograd.grad, then backward)
+        assert (row["forward_per_step"], row["backward_per_step"]) == (1.0, 2.0)
+        assert row["forward_calls_per_step"] == workers * k and row["passes_counted_on"] == f"msam-fo b/{k} (loop)"
     rw = t["rwsam fd"]
     assert rw["backward_per_step"] == 2.0 and rw["forward_per_step"] > 2.0  # fd's estimate costs forwards only
     assert b_global % workers == 0

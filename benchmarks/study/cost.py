@@ -50,6 +50,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "look-m-sam k=5": dict(opt="looksam", m="b/4", k=5, tune=("rho", "alpha")),
     "look-m-sam k=10": dict(opt="looksam", m="b/4", k=10, tune=("rho", "alpha")),
     "rwsam fd": dict(opt="rwsam", m="b", tune=("rho", "lam")),
+    "msam-fo b/2": dict(opt="msam-fo", m="b/2", micro_impl="vmap", tune=("rho",)),  # first-order m-SAM
+    "msam-fo b/4": dict(opt="msam-fo", m="b/4", micro_impl="vmap", tune=("rho",)),
 }
 
 

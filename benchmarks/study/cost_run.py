@@ -6,7 +6,7 @@ order as the training ones, labels flipped at the same noise rate (noise seed + 
 noisy labels as a user's held-out data would. It is removed from the test set, which stays clean.
 
 A method is a dict (``benchmarks.study.cost.METHODS``): ``opt`` (``sgd``, ``sam``, ``rwsam``,
-``looksam``), ``m`` (the micro-batch: ``"b"`` is SAM-local on 4 workers of b, ``"b/k"`` m-SAM),
+``looksam``, ``msam-fo``: first-order m-SAM, its groups of ``m``), ``m`` (the micro-batch: ``"b"`` is SAM-local on 4 workers of b, ``"b/k"`` m-SAM),
 and optionally ``interval`` (a SAM step every k-th step), ``k`` (LookSAM's look period) and
 ``micro_impl`` (``vmap``: the batched m-SAM step, the same math as the loop). Every
 pass the model takes is counted by :class:`PassCounter` (forward hooks), never taken from a formula.

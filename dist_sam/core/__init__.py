@@ -6,6 +6,7 @@ ascent -> perturb -> descent -> restore loop; nothing here imports ``torch.distr
 
 from .engine import AscentGrads, StepEngine, WrappedModel, stepping
 from .loop import LossFn, per_sample_losses, plain_passes, sam_passes
+from .penalty import penalty_passes
 
-__all__ = ["StepEngine", "WrappedModel", "AscentGrads", "sam_passes", "plain_passes", "per_sample_losses", "stepping",
+__all__ = ["StepEngine", "WrappedModel", "AscentGrads", "sam_passes", "penalty_passes", "plain_passes", "per_sample_losses", "stepping",
            "LossFn"]

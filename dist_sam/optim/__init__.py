@@ -2,6 +2,7 @@
 
 from .registry import BASE_OPTIMIZERS, create_optimizer, list_optimizers, register_optimizer
 from .rules import EPS_NORM, global_norm, perturbation
+from .first_order import FirstOrderMSAM
 from .looksam import LookSAM
 from .rwsam import RWSAM, gibbs_weights
 from .sam import SAM
@@ -13,6 +14,7 @@ __all__ = [
     "ASAM",
     "RWSAM",
     "LookSAM",
+    "FirstOrderMSAM",
     "gibbs_weights",
     "create_optimizer",
     "list_optimizers",

@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .first_order import FirstOrderMSAM
 from .looksam import LookSAM
 from .sam import SAM
 from .variants import ASAM, USAM
@@ -20,7 +21,8 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
 }
 
-_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM, "looksam": LookSAM}
+_REGISTRY: dict[str, Callable[..., SAM]] = {"sam": SAM, "usam": USAM, "asam": ASAM, "looksam": LookSAM,
+                                          "msam-fo": FirstOrderMSAM}
 
 
 def register_optimizer(name: str, factory: Callable[..., SAM]) -> None:
@@ -39,7 +41,8 @@ def create_optimizer(
     """Build a SAM-family optimizer by name.
 
     Args:
-        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``, ``looksam``).
+        name: one of :func:`list_optimizers` (``sam``, ``usam``, ``asam``, ``rwsam``, ``looksam``,
+            ``msam-fo``: first-order m-SAM).
         params: parameters or param-group dicts.
         base: base optimizer, a name in ``BASE_OPTIMIZERS`` or an optimizer class.
         **kwargs: SAM options (``rho``, ``interval``, RW-SAM's ``lam``, LookSAM's ``k``, ``alpha``,
