@@ -5,12 +5,15 @@ Lightning 2.6.6 refuses a CPU accelerator under ``DeepSpeedStrategy``, so the ru
 spawn runs every check; the tests assert on what it returned:
 
 * SAM through the mixin (fp32, accumulation 2, clip 0.05) equals dist-sam's own ``sam_step`` on a
-  plain DDP model, same weights and batches, to 1e-6; replicas bit-equal;
-* bf16-mixed (DeepSpeed's bf16: bf16 weights, fp32 master) equals ``dist_sam.deepspeed.initialize``
-  run by hand with the same config on the same batches, bit for bit;
+  plain DDP model, same weights and batches, to 1e-6 (rank 1: parameters; DeepSpeed, unlike DDP,
+  never broadcasts BatchNorm statistics); replicas bit-equal;
+* bf16-mixed (DeepSpeed's bf16: bf16 weights, fp32 master; the CNN without its BatchNorm, whose fp32
+  buffers DeepSpeed leaves beside bf16 weights) equals ``dist_sam.deepspeed.initialize`` run by hand
+  with the same config on the same batches, bit for bit;
 * every collective of a SAM step (calls and bytes) equals Lightning's own plain manual-optimization
   step under the same strategy: the local ascent communicates nothing;
-* a Lightning checkpoint (DeepSpeed's directory) resumed by a new Trainer continues bit-equal.
+* a Lightning checkpoint (DeepSpeed's directory) resumed by a new Trainer continues bit-equal
+  (rank 1's BatchNorm statistics aside: DeepSpeed checkpoints rank 0's module).
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ def _zero2(**kwargs):
     return trainer(strategy=CPUDeepSpeedStrategy(stage=2), **kwargs)
 
 
+def _without_bn(cnn):
+    """DeepSpeed 0.19.8's bf16 casts parameters and keeps buffers fp32, which BatchNorm refuses on CPU."""
+    cnn[1] = torch.nn.Identity()
+    return cnn
+
+
 def _by_hand(rank, steps, precision):
     """dist_sam.deepspeed.initialize on the same CNN, config and batches as Lightning's engine."""
     import dist_sam.deepspeed
     from lightning_utils import make_cnn, per_sample_ce
 
-    model = make_cnn(0, dtype=torch.float32)
+    model = _without_bn(make_cnn(0, dtype=torch.float32))
     config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
               "bf16": {"enabled": precision == "bf16-mixed"}, "sam": SAM}
@@ -69,6 +78,7 @@ def _worker(rank, world_size, tmp):
     out["fp32"] = dict(state=state(module.net), ref=ref, global_step=t.global_step,
                        num_steps=module.sam_optimizer.num_steps, counts=module.step_bytes)
     bf16 = Net(sam=SAM)
+    _without_bn(bf16.net)
     _zero2(max_steps=STEPS, precision="bf16-mixed").fit(bf16, loader(rank, STEPS))
     out["bf16"] = dict(state=state(bf16.net), by_hand=_by_hand(rank, STEPS, "bf16-mixed"))
     plain = PlainNet(count=counts)
@@ -100,15 +110,19 @@ def results(tmp_path_factory):
     return run_distributed(_worker, world_size=2, args=(str(tmp_path_factory.mktemp("pl_ds")),), timeout=900)
 
 
-def _max_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+def _max_diff(a, b, keys):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
 
 
 def test_zero2_mixin_equals_ddp_sam_step(results):
-    for r in results:
+    for rank, r in enumerate(results):
         r = r["fp32"]
         assert r["state"].keys() == r["ref"].keys()
-        assert _max_diff(r["state"], r["ref"]) <= 1e-6
+        # DDP broadcasts rank 0's BatchNorm statistics before each forward, DeepSpeed keeps each
+        # rank's own: rank 0's agree, rank 1's parameters only
+        keys = [k for k in r["state"] if rank == 0 or "running" not in k]
+        print(f"ZeRO-2 fp32, rank {rank}: max diff {_max_diff(r['state'], r['ref'], keys):.1e} to DDP sam_step")
+        assert _max_diff(r["state"], r["ref"], keys) <= 1e-6
         assert r["global_step"] == STEPS and r["num_steps"] == STEPS
     a, b = (r["fp32"]["state"] for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k)  # replicas bit-equal
@@ -129,7 +143,9 @@ def test_zero2_local_ascent_costs_lightnings_plain_step(results):
 
 
 def test_zero2_resume_from_lightning_checkpoint_is_bit_equal(results):
-    for r in results:
+    for rank, r in enumerate(results):
         r = r["resume"]
-        assert all(torch.equal(r["whole"][k], r["resumed"][k]) for k in r["whole"])
+        # DeepSpeed saves the module (BatchNorm statistics included) from rank 0 only: rank 1
+        # resumes with rank 0's statistics (training-mode forwards never read them)
+        assert all(torch.equal(r["whole"][k], r["resumed"][k]) for k in r["whole"] if rank == 0 or "running" not in k)
         assert r["global_step"] == 4 and r["num_steps"] == 4 and r["loaded_sam"] == {"num_steps": 2}

@@ -114,9 +114,11 @@ def test_fsdp2_mixin_equals_the_fsdp2_engine_and_ddp_sam_step(results, case):
     for r in results:
         r = r["cases"][case]
         assert r["state"].keys() == r["by_hand"].keys() == r["ddp"].keys()
-        assert _max_diff(r["state"], r["by_hand"], r["state"]) <= 1e-6, case
+        by_hand = _max_diff(r["state"], r["by_hand"], r["state"])
         # DDP broadcasts rank 0's BatchNorm statistics, FSDP2 keeps each rank's own: parameters only
-        assert _max_diff(r["state"], r["ddp"], [k for k in r["state"] if "running" not in k]) <= 1e-6, case
+        ddp = _max_diff(r["state"], r["ddp"], [k for k in r["state"] if "running" not in k])
+        print(f"{case}: max diff {by_hand:.1e} to the FSDP2 engine by hand, {ddp:.1e} to DDP sam_step")
+        assert by_hand <= 1e-6 and ddp <= 1e-6, case
         assert r["global_step"] == STEPS and r["num_steps"] == STEPS
     a, b = (r["cases"][case]["state"] for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k)  # replicas bit-equal

@@ -11,7 +11,12 @@ one device (``SingleDeviceStrategy``)                  :func:`dist_sam.sam_step`
 
 Lightning's ``"fsdp"`` is FSDP1 (``FullyShardedDataParallel``), which dist-sam's FSDP engine does not
 drive; Lightning's FSDP2 path is ``ModelParallelStrategy`` with ``fully_shard`` in
-``configure_model`` (the mixin's default shards the whole module as one unit).
+``configure_model`` (the mixin's default shards the whole module as one unit), data parallel only:
+``ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)``.
+
+On CPU, Lightning 2.6.6 itself refuses ``"fsdp"`` (a ``ValueError`` in ``Trainer``) and
+``DeepSpeedStrategy`` (a ``RuntimeError`` in its ``setup_environment``) before any module hook
+runs; DeepSpeed runs on CPU with ``DS_ACCELERATOR=cpu`` once that gate is lifted (the tests' ``CPUDeepSpeedStrategy``).
 """
 
 from __future__ import annotations
