@@ -13,7 +13,8 @@ spawn runs every check; the tests assert on what it returned:
 * every collective of a SAM step (calls and bytes) equals Lightning's own plain manual-optimization
   step under the same strategy: the local ascent communicates nothing;
 * a Lightning checkpoint (DeepSpeed's directory) resumed by a new Trainer continues bit-equal
-  (rank 1's BatchNorm statistics aside: DeepSpeed checkpoints rank 0's module).
+  (rank 1's BatchNorm statistics aside: DeepSpeed checkpoints rank 0's module);
+* Lightning itself refuses ``strategy="deepspeed_stage_2", accelerator="cpu"`` (one process).
 """
 
 from __future__ import annotations
@@ -149,3 +150,15 @@ def test_zero2_resume_from_lightning_checkpoint_is_bit_equal(results):
         # resumes with rank 0's statistics (training-mode forwards never read them)
         assert all(torch.equal(r["whole"][k], r["resumed"][k]) for k in r["whole"] if rank == 0 or "running" not in k)
         assert r["global_step"] == 4 and r["num_steps"] == 4 and r["loaded_sam"] == {"num_steps": 2}
+
+
+def test_lightning_itself_refuses_deepspeed_on_cpu():
+    """What the README says, and why the tests run CPUDeepSpeedStrategy: Lightning 2.6.6's own gate."""
+    import lightning.pytorch as L
+
+    t = L.Trainer(accelerator="cpu", devices=1, strategy="deepspeed_stage_2", max_steps=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = Net(sam=SAM)
+    with pytest.raises(RuntimeError, match="only supported on CUDA GPUs"):
+        t.fit(module, loader(0, 1))
+    assert module._sam_runner is None  # before any step

@@ -10,7 +10,8 @@ One spawn runs every check; the tests assert on what it returned:
   the same strategy, and all-gathers no more;
 * a Lightning checkpoint (a distributed-checkpoint directory) resumed by a new Trainer continues
   bit-equal (parameters; BatchNorm statistics: one rank's copy is checkpointed);
-* tensor parallelism (the strategy's default on one node) is refused with a ValueError before training.
+* tensor parallelism (the strategy's default on one node) is refused with a ValueError before training;
+  Lightning itself refuses ``strategy="fsdp", accelerator="cpu"``.
 """
 
 from __future__ import annotations
@@ -156,3 +157,11 @@ def test_fsdp2_resume_from_lightning_checkpoint_is_bit_equal(results):
 def test_tensor_parallel_is_refused_before_training(results):
     for r in results:
         assert "tensor_parallel_size" in r.get("tensor_parallel_error", ""), r.get("tensor_parallel_error")
+
+
+def test_lightning_itself_refuses_fsdp_on_cpu():
+    """What the README says: Lightning's strategy="fsdp" (FSDP1) wants a CUDA accelerator (Trainer(...))."""
+    import lightning.pytorch as L
+
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        L.Trainer(accelerator="cpu", devices=2, strategy="fsdp")
