@@ -65,3 +65,41 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     if errors:
         raise AssertionError("\n".join(errors))
     return results
+
+
+class CollectiveCounts:
+    """Calls and bytes of every torch.distributed collective made while ``active``, by name.
+
+    The counter of tests/test_integrations_hf_deepspeed.py as an object: :meth:`install` wraps
+    the ``torch.distributed`` functions once, before DeepSpeed or FSDP2 look any of them up.
+    """
+
+    NAMES = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather",
+             "all_gather_into_tensor", "all_gather_single", "broadcast", "all_to_all_single")
+
+    def __init__(self) -> None:
+        self.active: dict | None = None  # name -> [calls, bytes] while counting
+
+    @staticmethod
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (list, tuple)):
+            return sum(CollectiveCounts.nbytes(v) for v in value)
+        return 0
+
+    def install(self) -> "CollectiveCounts":
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+
+            def wrapper(*args, _fn=fn, _name=name, **kwargs):
+                if self.active is not None:
+                    entry = self.active.setdefault(_name, [0, 0])
+                    entry[0] += 1
+                    entry[1] += self.nbytes(list(args) + list(kwargs.values()))
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        return self

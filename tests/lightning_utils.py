@@ -15,6 +15,7 @@ from dist_sam import sam_step
 from dist_sam.config import SamConfig
 from dist_sam.distributed.ddp import CommCounter
 from dist_sam.integrations.lightning import SAMMixin
+from dist_utils import CollectiveCounts
 from reference import make_batch, make_cnn
 
 BASE = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -35,9 +36,10 @@ def loader(rank: int, steps: int) -> DataLoader:
 
 
 class Net(SAMMixin, L.LightningModule):
-    """The tiny CNN of tests/reference.py; counts DDP's gradient all-reduces when asked."""
+    """The tiny CNN of tests/reference.py. ``count=True``: DDP's gradient all-reduces per step, as
+    ``(calls, bytes)``; ``count=<a dist_utils.CollectiveCounts>``: every collective of each step."""
 
-    def __init__(self, count: bool = False, **sam_options):
+    def __init__(self, count=False, **sam_options):
         super().__init__(**sam_options)
         self.net = make_cnn(0, dtype=torch.float32)
         self.count, self.counter, self.step_bytes = count, None, []
@@ -54,11 +56,18 @@ class Net(SAMMixin, L.LightningModule):
     def on_train_start(self):
         super().on_train_start()
         self.sam_at_start = copy.deepcopy(self.sam_optimizer.state_dict())  # as loaded, on a resume
-        if self.count:
+        if self.count is True:
             self.counter = CommCounter.attach(self.trainer.strategy.model)
 
+    def on_train_batch_start(self, *args):
+        if isinstance(self.count, CollectiveCounts):
+            self.count.active = {}
+
     def on_train_batch_end(self, *args):
-        if self.counter is not None:
+        if isinstance(self.count, CollectiveCounts):
+            self.step_bytes.append(self.count.active)
+            self.count.active = None
+        elif self.counter is not None:
             self.step_bytes.append((self.counter.calls, self.counter.bytes))
             self.counter.reset()
 
@@ -100,3 +109,24 @@ def reference(rank: int, steps: int, sam: dict, *, accumulation_steps=1, clip_gr
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers, detached copies, by name within the CNN."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class CPUDeepSpeedStrategy(L.strategies.DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy with only its CUDA gate lifted, to run ZeRO on CPU (DS_ACCELERATOR=cpu).
+
+    Lightning 2.6.6 refuses anything but a ``CUDAAccelerator`` in ``setup_environment`` and checks
+    that device indices are the local ranks (``_validate_device_index_selection``; it passes
+    ``root_device.index`` to DeepSpeed as ``device_rank``), which CPU devices (index ``None``) fail.
+    DeepSpeed itself runs on CPU with gloo; the CPU devices get their local ranks as indices.
+    """
+
+    def setup_environment(self) -> None:
+        super(L.strategies.DeepSpeedStrategy, self).setup_environment()  # DDPStrategy's: no CUDA gate
+
+    @property
+    def parallel_devices(self):
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices) -> None:
+        self._parallel_devices = None if devices is None else [torch.device("cpu", i) for i in range(len(devices))]

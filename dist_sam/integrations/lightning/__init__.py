@@ -1,7 +1,8 @@
 """dist-sam under Lightning: :class:`SAMMixin`, a LightningModule mixin (``pip install 'dist-sam[lightning]'``).
 
     class Net(SAMMixin, L.LightningModule): ...   # forward, per_sample_loss, configure_optimizers
-    L.Trainer(strategy="ddp" | "deepspeed_stage_2" | ModelParallelStrategy(), ...).fit(Net(), loader)
+    L.Trainer(strategy="ddp" | "deepspeed_stage_2" | ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1),
+              ...).fit(Net(), loader)
 
 See :mod:`.module` for the mixin and :mod:`.runners` for what runs under each strategy.
 """

@@ -112,7 +112,10 @@ class SAMMixin:
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        optimizer = self.optimizers(use_pl_optimizer=False)
+        optimizers = self.trainer.optimizers
+        optimizer = optimizers[0] if len(optimizers) == 1 else optimizers
+        if self._sam_kind == "deepspeed":  # ZeRO 1-2 wrap the client optimizer in one of their own
+            optimizer = getattr(optimizer, "optimizer", optimizer)
         if isinstance(optimizer, list) or not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("configure_optimizers must return one plain torch optimizer (the base optimizer), got "
                              f"{type(optimizer).__name__}")

@@ -11,7 +11,12 @@ one device (``SingleDeviceStrategy``)                  :func:`dist_sam.sam_step`
 
 Lightning's ``"fsdp"`` is FSDP1 (``FullyShardedDataParallel``), which dist-sam's FSDP engine does not
 drive; Lightning's FSDP2 path is ``ModelParallelStrategy`` with ``fully_shard`` in
-``configure_model`` (the mixin's default shards the whole module as one unit).
+``configure_model`` (the mixin's default shards the whole module as one unit), data parallel only:
+``ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)``.
+
+On CPU, Lightning 2.6.6 itself refuses ``"fsdp"`` (a ``ValueError`` in ``Trainer``) and
+``DeepSpeedStrategy`` (a ``RuntimeError`` in its ``setup_environment``) before any module hook
+runs; DeepSpeed runs on CPU with ``DS_ACCELERATOR=cpu`` once that gate is lifted (the tests' ``CPUDeepSpeedStrategy``).
 """
 
 from __future__ import annotations
@@ -63,11 +68,22 @@ def check_trainer(trainer: Any, sam: SamConfig, accumulation_steps: int, clip_gr
     if trainer.precision not in PRECISIONS:
         raise ValueError(f"Trainer(precision={trainer.precision!r}) is not supported by dist-sam's Lightning "
                          f"integration; accepted: {sorted(PRECISIONS)}")
-    if kind == "fsdp2" and sam.ascent == "full":
-        raise ValueError("sam.ascent='full' is not supported under FSDP2; accepted: 'local', 'micro', 'global'")
+    if kind == "fsdp2":
+        _check_fsdp2(trainer.strategy, sam)
     if kind == "deepspeed":
         _check_deepspeed(trainer.strategy.config, sam, accumulation_steps, clip_grad_norm)
     return kind
+
+
+def _check_fsdp2(strategy: Any, sam: SamConfig) -> None:
+    tensor_parallel = strategy.device_mesh["tensor_parallel"].size()  # the mesh exists once processes started
+    if tensor_parallel > 1:
+        raise ValueError(f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel} is not supported by "
+                         "dist-sam (FSDP2 data parallelism only; on one node the strategy's default puts every "
+                         "device in the tensor-parallel group); accepted: ModelParallelStrategy("
+                         "data_parallel_size=<number of devices>, tensor_parallel_size=1)")
+    if sam.ascent == "full":
+        raise ValueError("sam.ascent='full' is not supported under FSDP2; accepted: 'local', 'micro', 'global'")
 
 
 def _check_deepspeed(config: dict, sam: SamConfig, accumulation_steps: int, clip_grad_norm: float | None) -> None:
