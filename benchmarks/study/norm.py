@@ -90,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1 seed, 1 short epoch on a tiny task: a smoke run")
     p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--rho", type=float, default=Task.rho, help=f"SAM's rho (default {Task.rho}); another value "
+                   "writes study_m1_norm_rho<rho>")
     args = p.parse_args(argv)
     if args.seeds < 1:
         print(f"benchmarks.study.norm: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
-    task = Task(train_size=100, epochs=1, batch_size=64, width=8) if args.quick else Task()
-    result = run_norm(1 if args.quick else args.seeds, task, args.out, "study_m1_norm" + ("_quick" if args.quick else ""))
+    if not args.rho > 0:
+        print(f"benchmarks.study.norm: --rho must be > 0, got {args.rho}", file=sys.stderr)
+        return 2
+    task = Task(train_size=100, epochs=1, batch_size=64, width=8, rho=args.rho) if args.quick else Task(rho=args.rho)
+    name = "study_m1_norm" + ("" if args.rho == Task.rho else f"_rho{args.rho:g}") + ("_quick" if args.quick else "")
+    result = run_norm(1 if args.quick else args.seeds, task, args.out, name)
     print(markdown(result))
     return 0
 
