@@ -5,7 +5,7 @@ Accelerate 1.16 turns its FSDP plugin on for accelerator devices only: ``Acceler
 (accelerate/state.py:947-977) sets ``DistributedType.FSDP`` inside a branch taken for MULTI_GPU, MULTI_XPU, ...
 and never for MULTI_CPU, so on CPU Trainer silently runs DDP (SAMTrainer refuses that, below). No setting avoids
 it. To run the FSDP2 path on 2 gloo processes, :func:`_accelerate_fsdp_on_cpu` (test-only) takes that same branch
-for MULTI_CPU: the three statements accelerate runs on GPUs, nothing else. Everything after it is the real code:
+for MULTI_CPU: the statements accelerate runs on GPUs, nothing else. Everything after it is the real code:
 Accelerate's ``fully_shard`` wrapping (``fsdp2_prepare_model``), its ``no_sync`` (``set_requires_gradient_sync``),
 clipping and FSDP2 checkpointing, Trainer's loop and SAMTrainer's step on dist-sam's FSDP2 engine.
 """
@@ -30,7 +30,8 @@ _COUNTS: dict | None = None  # collective -> [calls, bytes] while counting (insi
 
 
 def _accelerate_fsdp_on_cpu() -> None:
-    """Test-only: Accelerate's FSDP branch (accelerate/state.py:971-977), taken for MULTI_CPU as for GPUs."""
+    """Test-only: Accelerate's FSDP branch (accelerate/state.py:971-977, and :998, which keeps PartialState's
+    distributed type the same: every later ``AcceleratorState()`` copies it back), taken for MULTI_CPU as for GPUs."""
     import accelerate.state
     from accelerate.utils import DistributedType
 
@@ -43,6 +44,7 @@ def _accelerate_fsdp_on_cpu() -> None:
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = self.distributed_type
 
     accelerate.state.AcceleratorState.__init__ = patched
 
@@ -118,7 +120,8 @@ def _fsdp_worker(rank: int, world_size: int, out: str) -> dict:
     run_raf, raf_counts = _run(SAMTrainer, out + "_raf", init, raf=True, max_steps=1, sam=sam)
     ref_raf, _, _ = reference(init, run_raf.batches, sam, k=2, ddp=True, sgd=True)
     _, plain_raf_counts = _run(transformers.Trainer, out + "_plain_raf", init, raf=True, max_steps=1)
-    return dict(trainer=full(run.model), ref=ref, resumed=full(resumed.model), sharded=type(run.model).__name__,
+    units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in run.model.modules())
+    return dict(trainer=full(run.model), ref=ref, units=units, resumed=full(resumed.model), sharded=type(run.model).__name__,
                 counts=counts, plain_counts=plain_counts, raf=full(run_raf.model), ref_raf=ref_raf,
                 raf_counts=raf_counts, plain_raf_counts=plain_raf_counts, logs=run.state.log_history,
                 batches=[b["input_ids"] for b in run.batches],
@@ -148,6 +151,8 @@ def test_fsdp2_local_ascent_costs_the_plain_trainer_step(fsdp_results):
     params = sum(p.numel() for p in tiny_distilbert().parameters())
     # reshard-after-forward off: one all-gather per unit per micro-batch, one reduce-scatter per unit per step
     assert r["counts"] and r["counts"] == r["plain_counts"], (r["counts"], r["plain_counts"])
+    # one reduction per window (Trainer's no_sync on the first micro-batch): each unit once per step
+    assert r["units"] == 4 and r["counts"]["reduce_scatter_single"][0] == 3 * r["units"]
     assert r["counts"]["reduce_scatter_single"][1] >= 3 * params * 4  # every gradient (padded) once per step
     # on (FSDP2's default): the plain step re-gathers in its backward; SAM's ascent keeps the units gathered
     sam, plain = r["raf_counts"], r["plain_raf_counts"]
