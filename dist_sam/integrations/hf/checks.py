@@ -38,10 +38,10 @@ def check_supported(trainer: Any) -> None:
         raise ValueError(f"label_names={trainer.label_names} must name exactly one labels entry (what "
                          "per_sample_loss takes)")
     if args.fsdp and not trainer.is_fsdp_enabled:
-        raise ValueError(f"fsdp={args.fsdp!r}: Accelerate did not turn FSDP on ({trainer.accelerator.distributed_type}; "
-                         "accelerate 1.16's AcceleratorState enables its FSDP plugin on accelerator devices only, "
-                         "never MULTI_CPU: accelerate/state.py:947-977), so Trainer would run DDP instead; run on "
-                         "GPUs, or leave fsdp off for DDP")
+        raise ValueError(f"fsdp={args.fsdp!r}: Accelerate did not turn FSDP on "
+                         f"({trainer.accelerator.distributed_type}; accelerate 1.16's AcceleratorState enables its "
+                         "FSDP plugin on accelerator devices only, never MULTI_CPU: accelerate/state.py:947-977), so "
+                         "Trainer would run DDP instead; run on GPUs, or leave fsdp off for DDP")
     if trainer.is_fsdp_enabled:
         _check_fsdp(trainer.accelerator.state.fsdp_plugin)
     if trainer.is_deepspeed_enabled:
@@ -54,9 +54,12 @@ def _check_deepspeed(trainer: Any) -> None:
 
     config = dict(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError("zero_optimization.stage=3 is not supported by SAMTrainer yet; accepted: 0, 1, 2")
     cfg = trainer.sam_config
+    if stage == 3 and cfg.variant == "rwsam" and cfg.estimator != "last_layer":
+        raise ValueError(f"sam.estimator={cfg.estimator!r} is not supported by SAMTrainer under "
+                         "zero_optimization.stage=3: the ZeRO-3 adapter runs its ascent with every forward hook "
+                         "suspended (dist_sam.distributed.zero3.whole_module), the hook that unpacks Trainer's dict "
+                         "batch among them; accepted: estimator='last_layer' (or SAM, USAM)")
     sam = {"variant": cfg.variant, "rho": cfg.rho, "adaptive": cfg.adaptive, "eta": cfg.eta, "ascent": cfg.ascent,
            "interval": cfg.interval}
     if cfg.ascent == "micro":

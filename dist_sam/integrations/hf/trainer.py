@@ -12,7 +12,7 @@ the restore, all by :func:`dist_sam.core.sam_passes` on the model Trainer prepar
   (:class:`dist_sam.distributed.fsdp.FSDPEngine`, device-local ascent on the unsharded copies);
   Trainer's ``no_sync`` keeps the descents of a window's earlier micro-batches unreduced, so the
   window reduce-scatters once, at its last micro-batch, as in Trainer's own step;
-* DeepSpeed ZeRO 0-2: :class:`dist_sam.deepspeed.SAMEngine` around Trainer's DeepSpeed engine
+* DeepSpeed ZeRO 0-3: :class:`dist_sam.deepspeed.SAMEngine` around Trainer's DeepSpeed engine
   (``engine.backward`` reduces as in Trainer's step, ``engine.step`` at the boundary).
 
 So a window of ``k`` micro-batches is ``sam_step(..., accumulation_steps=k)`` on their
