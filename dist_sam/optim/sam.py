@@ -1,8 +1,7 @@
 """The SAM optimizer wrapper (Foret et al. 2021); its USAM and ASAM variants are in ``variants.py``.
 
 ``SAM`` wraps any ``torch.optim.Optimizer`` and shares its ``param_groups`` and ``state``, so LR
-schedulers, gradient scalers and checkpointing (``torch.distributed.checkpoint`` too) treat it like
-the base optimizer. The two-pass protocol is::
+schedulers, gradient scalers and checkpointing (DCP too) treat it like the base. The protocol::
 
     loss_fn(model(x), y).mean().backward()   # ascent gradient g at w
     opt.first_step(zero_grad=True)           # w <- w + e(g), w itself kept aside untouched
