@@ -120,12 +120,35 @@ def _fsdp_worker(rank: int, world_size: int, out: str) -> dict:
     run_raf, raf_counts = _run(SAMTrainer, out + "_raf", init, raf=True, max_steps=1, sam=sam)
     ref_raf, _, _ = reference(init, run_raf.batches, sam, k=2, ddp=True, sgd=True)
     _, plain_raf_counts = _run(transformers.Trainer, out + "_plain_raf", init, raf=True, max_steps=1)
+    skipped = _nonfinite_run(out + "_nan", init)
     units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in run.model.modules())
-    return dict(trainer=full(run.model), ref=ref, units=units, resumed=full(resumed.model), sharded=type(run.model).__name__,
+    return dict(trainer=full(run.model), ref=ref, units=units, skipped=skipped, resumed=full(resumed.model), sharded=type(run.model).__name__,
                 counts=counts, plain_counts=plain_counts, raf=full(run_raf.model), ref_raf=ref_raf,
                 raf_counts=raf_counts, plain_raf_counts=plain_raf_counts, logs=run.state.log_history,
                 batches=[b["input_ids"] for b in run.batches],
                 resumed_batches=[b["input_ids"] for b in resumed.batches])
+
+
+def _nonfinite_run(out, init) -> dict:
+    """Rank 0's first ascent loss is NaN: the poisoned descent reduce-scatters NaN into every shard on every
+    rank, Trainer's gradient norm is NaN, and SAMTrainer drops the step (weights untouched, step counted)."""
+    import warnings
+
+    calls = []
+
+    def poisoned(outputs, labels):
+        calls.append(1)
+        losses = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
+        first = len(calls) == 1 and torch.distributed.get_rank() == 0
+        return losses * float("nan") if first else losses
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, _ = _run(SAMTrainer, out, init, max_steps=1, sam=SamConfig(), per_sample_loss=poisoned)
+    model = tiny_distilbert()
+    model.load_state_dict(init)
+    return dict(weights=full(run.model), init=torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                num_steps=run._sam.num_steps, warned=any("non-finite gradient" in str(w.message) for w in caught))
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +205,11 @@ def test_fsdp_without_accelerate_fsdp_is_refused(tmp_path):
     """Without the shim Accelerate leaves FSDP off on CPU (Trainer would run DDP): SAMTrainer says so."""
     messages = run_distributed(_cpu_worker, world_size=2, args=(str(tmp_path / "cpu"),), timeout=300)
     assert all("accelerate/state.py" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_fsdp2_nonfinite_gradient_skips_the_step(fsdp_results):
+    for r in fsdp_results:
+        skipped = r["skipped"]
+        assert skipped["warned"] and skipped["num_steps"] == 1
+        assert torch.equal(skipped["weights"], skipped["init"])

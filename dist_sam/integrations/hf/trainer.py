@@ -215,8 +215,12 @@ class SAMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        steps = None if self._sam is None else self._sam.num_steps
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._sam is not None:  # every rank its own: RW-SAM's mu="auto" is calibrated per rank
+        if self._sam is not None:
+            # FSDP2: DCP's get_optimizer_state_dict steps an optimizer with empty state (zero gradients,
+            # lr 0) to fill it, e.g. after a skipped first step; that is not one of SAM's steps
+            self._sam.num_steps = steps  # every rank its own: RW-SAM's mu="auto" is calibrated per rank
             state = {k: v for k, v in self._sam.state_dict().items() if k in ("sam", "rwsam")}
             os.makedirs(output_dir, exist_ok=True)  # rank 0 may not have made it yet
             torch.save(state, os.path.join(output_dir, STATE_FILE.format(rank=collectives.rank())))
