@@ -135,3 +135,57 @@ def test_zero2_resume_from_trainer_checkpoint_is_bit_equal(ds_results):
         assert len(r["resumed_batches"]) == 2  # step 2's micro-batches, as the first run saw them
         assert all(torch.equal(a, b) for a, b in zip(r["resumed_batches"], r["batches"][2:]))
         assert torch.equal(r["resumed"], r["trainer"])
+
+
+# -- ZeRO-3: the adapter's gathered-parameter perturbation (dist_sam.distributed.zero3) under Trainer ----------
+def full_zero3(module) -> torch.Tensor:
+    """The whole model, gathered from ZeRO-3's partitions (in ``parameters()`` order, as :func:`flat`)."""
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return torch.cat([p.detach().reshape(-1).clone() for p in params])
+
+
+def _z3_worker(rank: int, world_size: int, out: str) -> dict:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    _count_collectives()
+    init = tiny_distilbert().state_dict()
+    rwsam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="last_layer")
+    run, counts = _run(SAMTrainer, out, init, 3, sam=rwsam)
+    ref, _, _ = reference(init, run.batches, rwsam, k=2, ddp=True, sgd=True)
+    resumed, _ = _run(SAMTrainer, out + "_r", init, 3, resume=os.path.join(out, "checkpoint-1"), sam=rwsam)
+    plain, plain_counts = _run(transformers.Trainer, out + "_plain", init, 3)
+    with pytest.raises(ValueError, match="estimator='fd'"):
+        _run(SAMTrainer, out + "_fd", init, 3, sam=SamConfig(variant="rwsam", estimator="fd", mu=1e-3))
+    return dict(trainer=full_zero3(run.model_wrapped.module), ref=ref, resumed=full_zero3(resumed.model_wrapped.module),
+                counts=counts, plain_counts=plain_counts, logs=run.state.log_history,
+                resumed_batches=[b["input_ids"] for b in resumed.batches], batches=[b["input_ids"] for b in run.batches])
+
+
+@pytest.fixture(scope="module")
+def z3_results(tmp_path_factory):
+    return run_distributed(_z3_worker, world_size=2, args=(str(tmp_path_factory.mktemp("hf_z3") / "run"),),
+                           timeout=600)
+
+
+@pytest.mark.slow
+def test_zero3_trainer_step_is_sam_step(z3_results):
+    for r in z3_results:  # RW-SAM (last_layer) over 2 steps of 2 micro-batches
+        torch.testing.assert_close(r["trainer"], r["ref"], rtol=0, atol=1e-6)
+    assert torch.equal(z3_results[0]["trainer"], z3_results[1]["trainer"])
+    assert all("sam_ascent_norm" in e and "rwsam_weight_entropy" in e for e in z3_results[0]["logs"] if "loss" in e)
+
+
+@pytest.mark.slow
+def test_zero3_local_ascent_costs_the_plain_trainer_step(z3_results):
+    counts, plain = z3_results[0]["counts"], z3_results[0]["plain_counts"]
+    assert counts and counts == plain, (counts, plain)  # the ascent only re-uses ZeRO-3's own parameter gathers
+
+
+@pytest.mark.slow
+def test_zero3_resume_from_trainer_checkpoint_is_bit_equal(z3_results):
+    for r in z3_results:
+        assert len(r["resumed_batches"]) == 2
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed_batches"], r["batches"][2:]))
+        assert torch.equal(r["resumed"], r["trainer"])

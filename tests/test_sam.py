@@ -132,6 +132,25 @@ def test_state_dict_round_trip_and_lockstep_across_reload(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_state_is_the_base_optimizers_so_dcp_takes_no_step():
+    """torch.distributed.checkpoint's optimizer state-dict API (Accelerate's FSDP2 checkpoints) takes a
+    zero-gradient ``step()`` to initialize an optimizer whose ``state`` is empty: with momentum that
+    decays the buffers by 0.9 and counts a SAM step. SAM's ``state`` is its base optimizer's."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = make_mlp(dtype=torch.float32)
+    opt = create_optimizer("sam", model.parameters(), base="sgd", lr=0.05, momentum=0.9, rho=0.1)
+    x, y = make_batch("mlp", 8, seed=0, dtype=torch.float32)
+    sam_step(model, opt, CE, x, y)
+    assert opt.state is opt.base_optimizer.state and len(opt.state) > 0
+    buffers = [s["momentum_buffer"].clone() for s in opt.base_optimizer.state.values()]
+    _init_optim_state(opt)
+    assert opt.num_steps == 1
+    assert all(torch.equal(s["momentum_buffer"], b) for s, b in zip(opt.base_optimizer.state.values(), buffers))
+    opt.load_state_dict(opt.state_dict())  # the base rebuilds its state dict: still shared
+    assert opt.state is opt.base_optimizer.state
+
+
 @pytest.mark.parametrize("name", ["sam", "usam", "asam"])
 def test_convergence_on_regression(name):
     torch.manual_seed(0)

@@ -21,7 +21,11 @@ are rank-private and never written back (``../shared/docs/FSDP.md``):
     The reduce-scattered mean gradient perturbs the sharded weights (norm across shards, one
     scalar all-reduce), restored exactly from a copy of the shards.
 
-Every descent is reduce-scattered (gradient accumulation: one reduce-scatter per chunk). Clipping
+Every descent is reduce-scattered (gradient accumulation: one reduce-scatter per chunk), unless the
+caller turned gradient sync off around the step (``set_requires_gradient_sync(False)``, as Hugging
+Face Trainer's ``no_sync`` does for all but a window's last micro-batch): then the descent keeps
+it off, FSDP accumulates the unsharded gradient, and the window's last descent reduce-scatters the
+sum once, as a plain FSDP2 step does. Clipping
 and the non-finite check use the gradient norm across shards (one scalar all-reduce), so every
 rank skips a non-finite step together. Reads FSDP2's per-group flags to restore each unit's own
 reshard-after-forward and sync settings after the step (checked at start-up).
@@ -81,6 +85,7 @@ class FSDPEngine(StepEngine):
         self._pending: dict[str, torch.Tensor] = {}  # lean: fqn -> e, added at the unit's all-gather
         self._phase: str | None = None  # "capture" (ascent) | "apply" (lean descent)
         self._saved: list | None = None
+        self._caller_sync = True  # the sync setting the step found (all groups), kept by the descent
         self._sync_ascent = False
         self._backup: list[torch.Tensor] | None = None  # global: exact copy of the perturbed shards
         self._perturbed: list[torch.Tensor] | None = None
@@ -146,6 +151,7 @@ class FSDPEngine(StepEngine):
             self._saved = ([(g, g.post_forward_mesh_info, g.reduce_grads, g.reshard_after_backward)
                             for u in self.units for g in _groups(u)],
                            [(u, u._get_fsdp_state()._auto_reshard_after_forward) for u in self.units])
+            self._caller_sync = all(reduce for _, _, reduce, _ in self._saved[0])  # the descent's sync
         for unit in self.units:
             unit.set_requires_gradient_sync(sync, recurse=False)
             unit.set_reshard_after_backward(reshard_after_backward, recurse=False)
@@ -225,7 +231,8 @@ class FSDPEngine(StepEngine):
             else:
                 names = [n for n, g in zip(self.names, grads) if g is not None]
                 self._pending = dict(zip(names, e))
-        self._set(sync=True, reshard_after_forward=False, reshard_after_backward=True)
+        # the descent syncs unless the caller turned sync off (an accumulation window's earlier micro-batch)
+        self._set(sync=self._caller_sync, reshard_after_forward=False, reshard_after_backward=True)
         self._phase = "apply" if self.memory == "lean" and not self._sync_ascent else None
 
     def _param_groups(self, optimizer, params) -> list[dict]:

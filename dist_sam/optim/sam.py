@@ -1,7 +1,7 @@
 """The SAM optimizer wrapper (Foret et al. 2021); its USAM and ASAM variants are in ``variants.py``.
 
-``SAM`` wraps any ``torch.optim.Optimizer`` and shares its ``param_groups``, so LR schedulers,
-gradient scalers and checkpointing treat it like the base optimizer. The two-pass protocol is::
+``SAM`` wraps any ``torch.optim.Optimizer`` and shares its ``param_groups`` and ``state``, so LR
+schedulers, gradient scalers and checkpointing (DCP too) treat it like the base. The protocol::
 
     loss_fn(model(x), y).mean().backward()   # ascent gradient g at w
     opt.first_step(zero_grad=True)           # w <- w + e(g), w itself kept aside untouched
@@ -105,6 +105,17 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update({k: v for k, v in self.base_optimizer.defaults.items() if k not in _SAM_KEYS})
 
     @property
+    def state(self) -> Any:  # the base's: torch.distributed.checkpoint steps an optimizer whose state is empty
+        return self.base_optimizer.state if "base_optimizer" in self.__dict__ else self.__dict__.get("_init_state", {})
+
+    @state.setter
+    def state(self, value: Any) -> None:  # Optimizer.__init__ sets one before base_optimizer exists
+        if "base_optimizer" in self.__dict__:
+            self.base_optimizer.state = value
+        else:
+            self.__dict__["_init_state"] = value
+
+    @property
     def params(self) -> list[torch.Tensor]:
         """Every trainable parameter, in param-group order."""
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -125,13 +136,11 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         """``w <- w + e(g)`` for the ascent gradients ``grads`` (aligned with :attr:`params`).
 
-        ``w`` itself is never written: ``w + e`` goes into a second buffer per parameter
-        (allocated once, reused every step) that is swapped in as the parameter's data, and
-        :meth:`restore` swaps ``w`` back (exact by construction; no copy of ``w`` is ever taken).
-        An m-SAM step thus costs one fused ``w + s·g`` pass per micro-batch and no copies. A
-        ``None`` gradient leaves its parameter where it is. ``grads`` may be the
-        :meth:`ascent_buffers` (then overwritten with ``w + e``); ``inplace=True`` lets the rule
-        overwrite other ``grads``; pass it only for buffers you own.
+        ``w`` is never written: ``w + e`` goes into a second buffer per parameter (allocated once)
+        swapped in as the parameter's data, and :meth:`restore` swaps ``w`` back (exact; no copy of
+        ``w``): one fused ``w + s·g`` pass per micro-batch. A ``None`` gradient leaves its parameter
+        where it is. ``grads`` may be the :meth:`ascent_buffers` (overwritten with ``w + e``);
+        ``inplace=True`` lets the rule overwrite other ``grads`` (only buffers you own).
         ``grad_norm`` is ``||g||`` over every non-``None`` gradient, if the caller has it.
         """
         if self._perturbed:
@@ -162,10 +171,8 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def ascent_buffers(self, zero: bool = True) -> list[torch.Tensor]:
-        """Buffers, one per parameter of :attr:`params`, to take the ascent gradient into (zeroed,
-        as ``.grad`` for the ascent backward to accumulate into; or written by the caller with
-        ``zero=False``): :meth:`perturb` then writes ``w + e`` over them in place, so an m-SAM
-        step allocates no gradient memory per micro-batch.
+        """One buffer per parameter of :attr:`params` for the ascent gradient (zeroed, or for the caller
+        to write with ``zero=False``); :meth:`perturb` writes ``w + e`` over them in place.
 
         Raises:
             RuntimeError: while perturbed (the buffers hold the weights in use).
@@ -228,15 +235,9 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step.
-
-        With a ``closure`` (forward + backward, returning the loss) this is a whole SAM step: the
-        closure runs at ``w`` and at ``w + e``, and the loss at ``w`` is returned. Steps that
-        ``interval`` makes plain run the closure once.
-
-        Without a closure it finishes a step whose descent gradient is already in ``.grad``:
-        restore ``w`` if perturbed, then step the base optimizer. This is what
-        :func:`dist_sam.sam_step` and ``GradScaler.step`` call.
+        """One optimizer step. With a ``closure`` (forward + backward, returning the loss): a whole SAM
+        step, the closure run at ``w`` and at ``w + e`` (once on ``interval``'s plain steps), the loss
+        at ``w`` returned. Without: :meth:`second_step` (what ``sam_step`` and ``GradScaler`` call).
         """
         if closure is None:
             self.second_step()

@@ -7,8 +7,8 @@
                          sam=SamConfig(variant="rwsam", rho=0.05, lam=0.5, mu=1e-3))
     trainer.train()
 
-The step is :func:`dist_sam.core.sam_passes` on the model Trainer prepared (plain, DDP, DeepSpeed
-ZeRO 0-2); see :mod:`dist_sam.integrations.hf.trainer`.
+The step is :func:`dist_sam.core.sam_passes` on the model Trainer prepared (plain, DDP, FSDP2,
+DeepSpeed ZeRO 0-3); see :mod:`dist_sam.integrations.hf.trainer`.
 """
 
 try:

@@ -37,8 +37,13 @@ def check_supported(trainer: Any) -> None:
     if len(trainer.label_names) != 1:
         raise ValueError(f"label_names={trainer.label_names} must name exactly one labels entry (what "
                          "per_sample_loss takes)")
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        raise ValueError(f"fsdp={args.fsdp!r}: Accelerate did not turn FSDP on "
+                         f"({trainer.accelerator.distributed_type}; accelerate 1.16's AcceleratorState enables its "
+                         "FSDP plugin on accelerator devices only, never MULTI_CPU: accelerate/state.py:947-977), so "
+                         "Trainer would run DDP instead; run on GPUs, or leave fsdp off for DDP")
     if trainer.is_fsdp_enabled:
-        raise ValueError("fsdp is not supported by SAMTrainer yet; accepted: DDP (torchrun) or DeepSpeed ZeRO 0-2")
+        _check_fsdp(trainer.accelerator.state.fsdp_plugin)
     if trainer.is_deepspeed_enabled:
         _check_deepspeed(trainer)
 
@@ -49,9 +54,12 @@ def _check_deepspeed(trainer: Any) -> None:
 
     config = dict(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError("zero_optimization.stage=3 is not supported by SAMTrainer yet; accepted: 0, 1, 2")
     cfg = trainer.sam_config
+    if stage == 3 and cfg.variant == "rwsam" and cfg.estimator != "last_layer":
+        raise ValueError(f"sam.estimator={cfg.estimator!r} is not supported by SAMTrainer under "
+                         "zero_optimization.stage=3: the ZeRO-3 adapter runs its ascent with every forward hook "
+                         "suspended (dist_sam.distributed.zero3.whole_module), the hook that unpacks Trainer's dict "
+                         "batch among them; accepted: estimator='last_layer' (or SAM, USAM)")
     sam = {"variant": cfg.variant, "rho": cfg.rho, "adaptive": cfg.adaptive, "eta": cfg.eta, "ascent": cfg.ascent,
            "interval": cfg.interval}
     if cfg.ascent == "micro":
@@ -62,3 +70,15 @@ def _check_deepspeed(trainer: Any) -> None:
     config["sam"] = sam
     config.pop("train_micro_batch_size_per_gpu", None)  # Trainer's; checked above against micro_batch_size
     check_config(config)
+
+
+def _check_fsdp(plugin: Any) -> None:
+    """FSDP: version 2 (``fully_shard``), which dist-sam's FSDP2 engine runs; no CPU offload (untried)."""
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"fsdp_config version={plugin.fsdp_version} (FSDP1) is not supported by SAMTrainer; "
+                         "accepted: version 2 (FSDP2, fully_shard)")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError("fsdp_config cpu_offload=True is not supported by SAMTrainer (FSDP2's CPUOffloadPolicy is "
+                         "untried with the perturbation on unsharded copies); accepted: cpu_offload=False")

@@ -8,7 +8,11 @@ the restore, all by :func:`dist_sam.core.sam_passes` on the model Trainer prepar
 
 * plain / DDP: the DDP engine (:func:`dist_sam.distributed.engines.engine_for`); DDP reduces once,
   at the last micro-batch, where Trainer lets it sync, as in Trainer's own step;
-* DeepSpeed ZeRO 0-2: :class:`dist_sam.deepspeed.SAMEngine` around Trainer's DeepSpeed engine
+* FSDP2 (Accelerate's plugin, ``fsdp_version=2``): the FSDP2 engine on the ``fully_shard`` model
+  (:class:`dist_sam.distributed.fsdp.FSDPEngine`, device-local ascent on the unsharded copies);
+  Trainer's ``no_sync`` keeps the descents of a window's earlier micro-batches unreduced, so the
+  window reduce-scatters once, at its last micro-batch, as in Trainer's own step;
+* DeepSpeed ZeRO 0-3: :class:`dist_sam.deepspeed.SAMEngine` around Trainer's DeepSpeed engine
   (``engine.backward`` reduces as in Trainer's step, ``engine.step`` at the boundary).
 
 So a window of ``k`` micro-batches is ``sam_step(..., accumulation_steps=k)`` on their
@@ -153,9 +157,22 @@ class SAMTrainer(Trainer):
             self.sam_stats.record(engine.norms, sam)
         else:  # `interval` makes this a plain base step
             loss = plain_passes(engine, self.per_sample_loss, batch, labels, 1)
-        if self.accelerator.sync_gradients:
+        if self.accelerator.sync_gradients and not self.is_fsdp_enabled:  # FSDP2: in _get_grad_norm
             self._skip_if_nonfinite(sam)
         return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """Trainer's gradient norm (across shards); under FSDP2 a non-finite one skips the step.
+
+        The sharded gradients' norm needs a reduction: Trainer's own (for clipping and its logs) is
+        reused, so the check costs no collective of its own.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.is_fsdp_enabled and self._sam is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            for p in self._sam.params:
+                p.grad = None
+            warnings.warn("non-finite gradient: the step was skipped and the weights left untouched", stacklevel=2)
+        return grad_norm
 
     def _skip_if_nonfinite(self, sam: SAM) -> None:
         """The reduced gradient is not finite (identical on every rank): drop it, so the base optimizer
@@ -198,8 +215,12 @@ class SAMTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        steps = None if self._sam is None else self._sam.num_steps
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._sam is not None:  # every rank its own: RW-SAM's mu="auto" is calibrated per rank
+        if self._sam is not None:
+            # FSDP2: DCP's get_optimizer_state_dict steps an optimizer with empty state (zero gradients,
+            # lr 0) to fill it, e.g. after a skipped first step; that is not one of SAM's steps
+            self._sam.num_steps = steps  # every rank its own: RW-SAM's mu="auto" is calibrated per rank
             state = {k: v for k, v in self._sam.state_dict().items() if k in ("sam", "rwsam")}
             os.makedirs(output_dir, exist_ok=True)  # rank 0 may not have made it yet
             torch.save(state, os.path.join(output_dir, STATE_FILE.format(rank=collectives.rank())))
