@@ -22,6 +22,9 @@ from test_train_run import make_tiny_dataset, tiny_config, torchrun, weights, wo
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
+# the JIT-built comm op in a cache of our own, as tests/test_deepspeed.py (other builds force rebuilds)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                                                           "dist_sam_tests"))
 
 TOLERANCE = 1e-5  # fp32 reduction order over 4 steps (as the DDP test); measured: printed with -s
 
