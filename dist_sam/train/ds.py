@@ -31,7 +31,7 @@ from .plan import BatchPlan, replan
 from .state import gather
 from .steps import BASE_CLASSES, peak_lr
 
-__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config"]
+__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config", "release_process_groups"]
 
 log = logging.getLogger("dist_sam.train")
 _TAG = "step_{:09d}"
@@ -191,9 +191,44 @@ class DeepSpeedTrainer(Trainer):
         self.restore_position(state, mine, path)
 
 
+    def close(self) -> None:
+        """Release the engine: ``engine.destroy()`` removes ZeRO's gradient hooks, which otherwise
+        keep the engine, its process groups and their gloo threads alive past the interpreter's
+        teardown (the cause of an abort at exit; see :func:`release_process_groups`)."""
+        engine, self.model = getattr(self, "engine", None), None
+        self.engine = self.module = self.optimizer = self.scheduler = None
+        if engine is not None:
+            engine.destroy()
+
+
+def release_process_groups() -> None:
+    """Destroy every process group, DeepSpeed's references included, while the interpreter still runs.
+
+    ``torch.distributed.destroy_process_group`` alone left two gloo groups (their
+    ``gloo_tcp_loop`` and ``pt_gloo_runloop`` threads) and, on rank 0, the TCPStore server
+    (``pt_tcpstore_uv``) running into the interpreter's teardown: ZeRO's gradient hooks held the
+    engine (:meth:`DeepSpeedTrainer.close`) and ``deepspeed.utils.groups`` its world group, which
+    ``deepspeed.comm.destroy_process_group`` releases.
+    """
+    import gc
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")  # None: the run stopped before DeepSpeed was imported
+    if torch.distributed.is_initialized():
+        if comm is not None and comm.cdb is not None:
+            comm.destroy_process_group()  # torch's, then deepspeed.utils.groups' references
+        else:
+            torch.distributed.destroy_process_group()
+    gc.collect()  # the engine's reference cycles, with the groups they hold
+
+
 def run_deepspeed(cfg: TrainConfig, env, ds_config: dict[str, Any]) -> dict[str, Any]:
-    """Train with DeepSpeed; the same outputs as the DDP path (comm bytes are not counted)."""
+    """Train with DeepSpeed; the same outputs as the DDP path (comm bytes are not counted). The
+    engine is released afterwards, also on failure; the caller then calls :func:`release_process_groups`."""
     trainer = DeepSpeedTrainer(cfg, env, ds_config)
-    summary = trainer.run()
-    trainer.write_outputs(summary)
+    try:
+        summary = trainer.run()
+        trainer.write_outputs(summary)
+    finally:
+        trainer.close()
     return summary
