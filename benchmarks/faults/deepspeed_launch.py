@@ -53,6 +53,10 @@ def launch(config: str, full_teardown: bool, timeout: float) -> tuple[int, float
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("DS_ACCELERATOR", None)
+    # The launcher's workers run under the launcher's own interpreter path, so the JIT-built comm op
+    # gets other include paths than a test's: a cache of its own spares each side a rebuild.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                                                        "dist_sam_launcher"))
     if full_teardown:
         env["DIST_SAM_FULL_TEARDOWN"] = "1"
     start = time.perf_counter()
