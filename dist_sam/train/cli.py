@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-sam train: rank {env.rank}: {err}", file=sys.stderr, flush=True)
         return exit_status(err)
     finally:
-        if dist.is_initialized():
+        if ds_config is not None:
+            from .ds import release_process_groups
+
+            release_process_groups()  # DeepSpeed's groups too: nothing of them left running at exit
+        elif dist.is_initialized():
             dist.destroy_process_group()
     return PREEMPTED_EXIT if summary.get("preempted") else 0
 

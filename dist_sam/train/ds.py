@@ -5,6 +5,11 @@ The JSON's ``sam`` section drives the SAM step (the YAML's is used when the JSON
 (unless the JSON has an ``optimizer`` section) and the LR schedule is the YAML's warmup + cosine,
 stepped by DeepSpeed. Checkpoints are DeepSpeed's (``engine.save_checkpoint``, every rank writes
 its shards) with the training position and per-rank RNG states as client state.
+
+A step is one optimizer step of the batch plan (:mod:`.plan`): the loader hands each worker
+``micro * gradient_accumulation_steps`` samples, fed to the engine one micro-batch at a time, so a
+resume at another world size keeps the global batch and ``m`` as the DDP trainer does
+(:mod:`.ds_resize`: ZeRO-0 fp32 as saved, ZeRO-1/2 through DeepSpeed's universal checkpoint).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, config_diff
+from ..optim.rwsam import RWSAM
 from .config import RESUME_MAY_DIFFER, TrainConfig, to_dict
+from .ds_resize import check_resizable, read_tag, resize_config, to_universal
 from .loop import Trainer
+from .plan import BatchPlan, replan
 from .state import gather
 from .steps import BASE_CLASSES, peak_lr
 
-__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config"]
+__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config", "release_process_groups"]
 
 log = logging.getLogger("dist_sam.train")
 _TAG = "step_{:09d}"
@@ -91,23 +99,61 @@ class DeepSpeedTrainer(Trainer):
         self.ds_config = ds_config
         super().__init__(cfg, env)
 
-    def find_checkpoint(self) -> tuple[None, None]:
-        return None, None  # DeepSpeed's own checkpoints, loaded by :meth:`resume` once the engine exists
+    def find_checkpoint(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The newest DeepSpeed tag and its saved position (with SAM's per-rank state), checked
+        against the config before any engine exists; loaded into the engine by :meth:`resume`."""
+        choice = self.cfg.checkpoint.resume
+        if choice not in ("never", "auto"):
+            raise ValueError(f"checkpoint.resume={choice!r}: under --deepspeed use 'auto' or 'never' "
+                             f"(checkpoints are DeepSpeed tags in checkpoint.dir)")
+        path, saved = read_tag(self.cfg.checkpoint_dir) if choice == "auto" else (None, None)
+        if saved is None:
+            return None, None
+        state = {**saved["position"], "sam_per_rank": (saved.get("dist_sam") or {}).get("per_rank")}
+        diff = config_diff(state["config"], to_dict(self.cfg), RESUME_MAY_DIFFER)
+        if diff:
+            raise CheckpointError(f"refusing checkpoint {path}: it was written with a different config "
+                                  f"({'; '.join(diff[:5])})")
+        return path, state
+
+    def batch_plan(self, state: dict[str, Any] | None) -> BatchPlan:
+        """``micro * gradient_accumulation_steps`` per worker; on resume the saved plan, re-planned to
+        this world size, with the engine's micro-batch and accumulation set to it."""
+        micro, k = self.ds_config["train_micro_batch_size_per_gpu"], self.ds_config["gradient_accumulation_steps"]
+        fresh = BatchPlan(self.env.world_size, micro * k, k)
+        if state is None:
+            return fresh
+        saved = BatchPlan.from_dict(state["plan"])
+        plan = replan(saved, self.env.world_size, self.cfg, self.resumed_from)
+        if saved.world_size != plan.world_size:
+            base = (self.ds_config.get("optimizer") or {}).get("type", self.cfg.optim.base)
+            check_resizable(self.ds_config, base, saved.world_size, plan.world_size, self.resumed_from)
+        if plan != fresh:
+            self.ds_config = resize_config(self.ds_config, plan.chunk, plan.accumulation_steps,
+                                           universal=saved.world_size != plan.world_size)
+            _import_module().check_config(self.ds_config)  # e.g. LookSAM refuses accumulation
+        return plan
 
     def setup(self, model: nn.Module) -> None:
         config = self.ds_config
         base = None
         if "optimizer" not in config:
-            base = BASE_CLASSES[self.cfg.optim.base](model.parameters(), lr=peak_lr(self.cfg, self.env.world_size),
-                                                     **self.cfg.optim.base_kwargs())
+            base = BASE_CLASSES[self.cfg.optim.base](
+                model.parameters(), lr=peak_lr(self.cfg, self.env.world_size, self.plan.global_batch),
+                **self.cfg.optim.base_kwargs())
         engine, optimizer, _, scheduler = _import_module().initialize(
             model=model, config=config, optimizer=base, lr_scheduler=self.build_scheduler, loss_fn=self.loss_fn)
         self.model = self.engine = engine
         self.module = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
+        if isinstance(engine.sam, RWSAM):  # directions per global ascent group: the same at any world size
+            engine.sam.groups_per_rank = self.plan.groups_per_rank(self.cfg)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.engine.train_step((images, labels))  # DeepSpeed steps the LR schedule itself
+        """The plan's micro-batches in turn; DeepSpeed steps (and the LR schedule) at the last."""
+        micro = self.plan.chunk
+        losses = [self.engine.train_step((x, y)) for x, y in zip(images.split(micro), labels.split(micro))]
+        return torch.stack(losses).mean()
 
     def rank_state(self) -> dict[str, Any]:
         return {"rng": super().rank_state()["rng"], "optimizer": {}}
@@ -126,25 +172,63 @@ class DeepSpeedTrainer(Trainer):
         self.saved_at = self.global_step
 
     def resume(self) -> None:
-        choice = self.cfg.checkpoint.resume
-        if choice == "never" or not os.path.isfile(os.path.join(self.cfg.checkpoint_dir, "latest")):
-            if choice not in ("never", "auto"):
-                raise ValueError(f"checkpoint.resume={choice!r}: under --deepspeed use 'auto' or 'never' "
-                                 f"(checkpoints are DeepSpeed tags in checkpoint.dir)")
+        """Load the tag :meth:`find_checkpoint` chose into the engine; after a change of world size
+        its universal copy (ZeRO-1/2), and each ascent group's RW-SAM ``mu`` from the rank that read it."""
+        state, self._loaded = self._loaded, None
+        if state is None:
             return
-        path, client = self.engine.load_checkpoint(self.cfg.checkpoint_dir)
-        state = client["position"]
-        diff = config_diff(state["config"], to_dict(self.cfg), RESUME_MAY_DIFFER)
-        if diff:
-            raise CheckpointError(f"refusing checkpoint {path}: it was written with a different config "
-                                  f"({'; '.join(diff[:5])})")
-        self.check_world_size(state, path)
-        self.restore_position(state, state["per_rank"][self.env.rank], path)
+        path, saved, rank = self.resumed_from, BatchPlan.from_dict(state["plan"]), self.env.rank
+        resized = saved.world_size != self.plan.world_size
+        load_dir, tag = (to_universal(path, self.ds_config, self.primary, state["global_step"]) if resized
+                         else os.path.split(path))
+        self.engine.load_checkpoint(load_dir, tag=tag)  # SAM's state: this rank's, or rank 0's if resized
+        mine = state["per_rank"][rank] if rank < saved.world_size else None
+        if resized:
+            if state["sam_per_rank"]:
+                self._carry_mu({"per_rank": [{"optimizer": s} for s in state["sam_per_rank"]]}, saved,
+                               self.engine.sam)
+            self._log_replan(saved, mine is None)
+        self.restore_position(state, mine, path)
+
+
+    def close(self) -> None:
+        """Release the engine: ``engine.destroy()`` removes ZeRO's gradient hooks, which otherwise
+        keep the engine, its process groups and their gloo threads alive past the interpreter's
+        teardown (the cause of an abort at exit; see :func:`release_process_groups`)."""
+        engine, self.model = getattr(self, "engine", None), None
+        self.engine = self.module = self.optimizer = self.scheduler = None
+        if engine is not None:
+            engine.destroy()
+
+
+def release_process_groups() -> None:
+    """Destroy every process group, DeepSpeed's references included, while the interpreter still runs.
+
+    ``torch.distributed.destroy_process_group`` alone left two gloo groups (their
+    ``gloo_tcp_loop`` and ``pt_gloo_runloop`` threads) and, on rank 0, the TCPStore server
+    (``pt_tcpstore_uv``) running into the interpreter's teardown: ZeRO's gradient hooks held the
+    engine (:meth:`DeepSpeedTrainer.close`) and ``deepspeed.utils.groups`` its world group, which
+    ``deepspeed.comm.destroy_process_group`` releases.
+    """
+    import gc
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")  # None: the run stopped before DeepSpeed was imported
+    if torch.distributed.is_initialized():
+        if comm is not None and comm.cdb is not None:
+            comm.destroy_process_group()  # torch's, then deepspeed.utils.groups' references
+        else:
+            torch.distributed.destroy_process_group()
+    gc.collect()  # the engine's reference cycles, with the groups they hold
 
 
 def run_deepspeed(cfg: TrainConfig, env, ds_config: dict[str, Any]) -> dict[str, Any]:
-    """Train with DeepSpeed; the same outputs as the DDP path (comm bytes are not counted)."""
+    """Train with DeepSpeed; the same outputs as the DDP path (comm bytes are not counted). The
+    engine is released afterwards, also on failure; the caller then calls :func:`release_process_groups`."""
     trainer = DeepSpeedTrainer(cfg, env, ds_config)
-    summary = trainer.run()
-    trainer.write_outputs(summary)
+    try:
+        summary = trainer.run()
+        trainer.write_outputs(summary)
+    finally:
+        trainer.close()
     return summary

@@ -106,12 +106,6 @@ class CheckpointMixin:
                 agree_on_write(failure, self.global_step)  # every rank raises alike, or goes on
         self.saved_at = self.global_step
 
-    def check_world_size(self, state: dict[str, Any], path: str) -> None:
-        """For engines that cannot re-plan (DeepSpeed): the world size must be the saved one."""
-        if state["world_size"] != self.env.world_size:
-            raise CheckpointError(path, f"written with world size {state['world_size']}, running with "
-                                  f"{self.env.world_size}", "this engine resumes at its own world size only")
-
     def resume(self) -> None:
         """Put back the state :func:`dist_sam.train.resume.find_checkpoint` loaded (in ``__init__``)."""
         state, self._loaded = self._loaded, None
@@ -140,9 +134,11 @@ class CheckpointMixin:
             self.scaler.load_state_dict(state["scaler"])
         self.restore_position(state, mine, self.resumed_from)
 
-    def _carry_mu(self, state: dict[str, Any], saved: BatchPlan) -> None:
-        """RW-SAM ``mu="auto"``: each global ascent group this rank now reads keeps the ``mu`` its rank calibrated."""
-        if not isinstance(self.optimizer, RWSAM) or not self.optimizer.auto_mu:
+    def _carry_mu(self, state: dict[str, Any], saved: BatchPlan, optimizer: Any = None) -> None:
+        """RW-SAM ``mu="auto"``: each global ascent group this rank now reads keeps the ``mu`` its rank
+        calibrated (``optimizer``: the RW-SAM object, default :attr:`optimizer`)."""
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if not isinstance(optimizer, RWSAM) or not optimizer.auto_mu:
             return
         c_old, c_new, rank = saved.groups_per_rank(self.cfg), self.plan.groups_per_rank(self.cfg), self.env.rank
         mus = {}
@@ -151,8 +147,8 @@ class CheckpointMixin:
             mus[g] = entry.get("group_mu", {}).get(g, entry.get("mu"))
         if None in mus.values():
             return  # not calibrated yet: it calibrates on its next batch
-        self.optimizer.mu = mus[rank * c_new]
-        self.optimizer.group_mu = mus if len(set(mus.values())) > 1 else {}
+        optimizer.mu = mus[rank * c_new]
+        optimizer.group_mu = mus if len(set(mus.values())) > 1 else {}
 
     def _log_replan(self, saved: BatchPlan, fresh_rng: bool) -> None:
         plan, rank = self.plan, self.env.rank
