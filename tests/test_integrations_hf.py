@@ -122,6 +122,20 @@ def make_args(out: str, **overrides) -> SAMTrainingArguments:
     return SAMTrainingArguments(**kwargs)
 
 
+class StepCollectives(transformers.TrainerCallback):
+    """The collectives a :class:`dist_utils.CollectiveCounts` sees inside Trainer's optimizer steps (their
+    micro-batches, clipping and optimizer step), not in setup, logging or saving: ``self.counts``."""
+
+    def __init__(self, counter) -> None:
+        self.counter, self.counts = counter, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counter.active = self.counts
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counter.active = None
+
+
 def recording(cls):
     """``cls`` (a Trainer) that keeps the batches it trains on and counts DDP's gradient all-reduces."""
 

@@ -19,37 +19,11 @@ import transformers  # noqa: E402
 
 from dist_sam.config import SamConfig  # noqa: E402
 from dist_sam.integrations.hf import SAMTrainer  # noqa: E402
-from dist_utils import run_distributed  # noqa: E402
-from test_integrations_hf import SGD_ARGS, Tokens, flat, make_args, recording, reference, tiny_distilbert  # noqa: E402
+from dist_utils import CollectiveCounts, run_distributed  # noqa: E402
+from test_integrations_hf import (SGD_ARGS, StepCollectives, Tokens, flat, make_args, recording, reference,  # noqa: E402
+                                 tiny_distilbert)
 
-_COUNTS: dict | None = None  # collective name -> [calls, bytes] while counting (inside Trainer's steps)
-
-
-def _count_collectives() -> None:
-    """Wrap the torch.distributed collectives (before DeepSpeed binds any of them)."""
-    import torch.distributed as dist
-
-    def nbytes(value):
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, (list, tuple)):
-            return sum(nbytes(v) for v in value)
-        return 0
-
-    for name in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
-                 "all_gather_into_tensor", "broadcast", "all_to_all_single"):
-        fn = getattr(dist, name, None)
-        if fn is None:
-            continue
-
-        def wrapper(*args, _fn=fn, _name=name, **kwargs):
-            if _COUNTS is not None:
-                entry = _COUNTS.setdefault(_name, [0, 0])
-                entry[0] += 1
-                entry[1] += nbytes(list(args) + list(kwargs.values()))
-            return _fn(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
+_COUNTER = CollectiveCounts()  # installed once per worker process, before the engines bind any collective
 
 
 def ds_config(stage: int) -> dict:
@@ -58,26 +32,10 @@ def ds_config(stage: int) -> dict:
             "steps_per_print": 10**9}
 
 
-class Counting(transformers.TrainerCallback):
-    """Counts collectives inside Trainer's optimizer steps (its micro-batches and optimizer step), not in
-    setup, logging (a log's reductions) or saving."""
-
-    def __init__(self) -> None:
-        self.counts: dict = {}
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        global _COUNTS
-        _COUNTS = self.counts
-
-    def on_step_end(self, args, state, control, **kwargs):
-        global _COUNTS
-        _COUNTS = None
-
-
 def _run(cls, out, init, stage, resume=None, **kwargs):
     model = tiny_distilbert()
     model.load_state_dict(init)
-    counting = Counting()
+    counting = StepCollectives(_COUNTER)
     # SGD: Adam's first steps (lr * sign(g) where g ~ 0) would magnify ZeRO's last-bit reduction differences
     args = make_args(out, deepspeed=ds_config(stage), save_strategy="steps", save_steps=1, max_steps=2, **SGD_ARGS)
     trainer = recording(cls)(model=model, args=args, train_dataset=Tokens(), callbacks=[counting], **kwargs)
@@ -87,7 +45,7 @@ def _run(cls, out, init, stage, resume=None, **kwargs):
 
 def _ds_worker(rank: int, world_size: int, out: str) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    _count_collectives()
+    _COUNTER.install()
     init = tiny_distilbert().state_dict()
     rwsam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="fd", mu=1e-3)
     run, counts = _run(SAMTrainer, out, init, 2, sam=rwsam)
@@ -149,7 +107,7 @@ def full_zero3(module) -> torch.Tensor:
 
 def _z3_worker(rank: int, world_size: int, out: str) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    _count_collectives()
+    _COUNTER.install()
     init = tiny_distilbert().state_dict()
     rwsam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="last_layer")
     run, counts = _run(SAMTrainer, out, init, 3, sam=rwsam)

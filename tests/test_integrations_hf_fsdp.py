@@ -23,10 +23,11 @@ import torch  # noqa: E402
 
 from dist_sam.config import SamConfig  # noqa: E402
 from dist_sam.integrations.hf import SAMTrainer  # noqa: E402
-from dist_utils import run_distributed  # noqa: E402
-from test_integrations_hf import SGD_ARGS, Tokens, make_args, recording, reference, tiny_distilbert  # noqa: E402
+from dist_utils import CollectiveCounts, run_distributed  # noqa: E402
+from test_integrations_hf import (SGD_ARGS, StepCollectives, Tokens, make_args, recording, reference,  # noqa: E402
+                                 tiny_distilbert)
 
-_COUNTS: dict | None = None  # collective -> [calls, bytes] while counting (inside Trainer's optimizer steps)
+_COUNTER = CollectiveCounts()  # installed once per worker process, before the engines bind any collective
 
 
 def _accelerate_fsdp_on_cpu() -> None:
@@ -49,40 +50,6 @@ def _accelerate_fsdp_on_cpu() -> None:
     accelerate.state.AcceleratorState.__init__ = patched
 
 
-def _count_collectives() -> None:
-    """Wrap the torch.distributed collectives FSDP2 and Trainer call (calls and the largest tensor's bytes)."""
-    import torch.distributed as dist
-
-    for name in ("all_gather_single", "reduce_scatter_single", "all_reduce", "broadcast", "all_gather",
-                 "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter"):
-        fn = getattr(dist, name)
-
-        def wrapper(*args, _fn=fn, _name=name, **kwargs):
-            if _COUNTS is not None:
-                tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
-                entry = _COUNTS.setdefault(_name, [0, 0])
-                entry[0] += 1
-                entry[1] += max((t.numel() * t.element_size() for t in tensors), default=0)
-            return _fn(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
-
-
-class Counting(transformers.TrainerCallback):
-    """Counts collectives inside Trainer's optimizer steps (micro-batches, clipping, optimizer step)."""
-
-    def __init__(self) -> None:
-        self.counts: dict = {}
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        global _COUNTS
-        _COUNTS = self.counts
-
-    def on_step_end(self, args, state, control, **kwargs):
-        global _COUNTS
-        _COUNTS = None
-
-
 def fsdp_args(reshard_after_forward: bool) -> dict:
     return dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["TransformerBlock"],
                                         "state_dict_type": "SHARDED_STATE_DICT",
@@ -97,7 +64,7 @@ def full(model) -> torch.Tensor:
 def _run(cls, out, init, *, raf=False, resume=None, max_steps=3, train_args=SGD_ARGS, **kwargs):
     model = tiny_distilbert()
     model.load_state_dict(init)
-    counting = Counting()
+    counting = StepCollectives(_COUNTER)
     # SGD: AdamW's first steps (lr * g / (|g| + eps) where g ~ 0) magnify the last-bit difference between
     # FSDP2's reduce-scatter and DDP's all-reduce (1.2e-7 after 2 plain steps, 1.4e-3 after 3 RW-SAM steps)
     args = make_args(out, save_strategy="steps", save_steps=2, max_steps=max_steps, **fsdp_args(raf),
@@ -109,7 +76,7 @@ def _run(cls, out, init, *, raf=False, resume=None, max_steps=3, train_args=SGD_
 
 def _fsdp_worker(rank: int, world_size: int, out: str) -> dict:
     _accelerate_fsdp_on_cpu()
-    _count_collectives()
+    _COUNTER.install()
     init = tiny_distilbert().state_dict()
     rwsam = SamConfig(variant="rwsam", rho=0.05, lam=0.5, estimator="fd", mu=1e-3)
     run, counts = _run(SAMTrainer, out, init, sam=rwsam)
