@@ -27,13 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-config", default=None, help="the grids' YAML (default benchmarks/study/grids.yaml)")
     p.add_argument("--phase", default="all", help="--grid cost only: all, accuracy (the training runs) or time (the timing phase)")
     p.add_argument("--tune-seeds", type=int, default=None, help="--grid cost only: seeds the whole tuning grid runs on (default 2)")
-    p.add_argument("--resume", action="store_true", help="--grid cost only: keep the runs of an existing JSON, run the missing ones")
+    p.add_argument("--resume", action="store_true", help="--grid cost or --tuned: keep the runs of an existing JSON, run the missing ones")
+    p.add_argument("--tuned", action="store_true", help="--grid NAME (not cost): every cell tuned on a validation split "
+                   "(benchmarks.study.tuned); --workers processes")
     args = p.parse_args(argv)
     if args.grid == "cost":
         from .cost import cost_main
 
         return cost_main(quick=args.quick, seeds=args.seeds, out=args.out, phase=args.phase, resume=args.resume,
                          workers=args.workers, tune_seeds=args.tune_seeds)
+    if args.grid is not None and args.tuned:
+        from .tuned import tuned_main
+
+        return tuned_main(args.grid, args.grid_config, quick=args.quick, seeds=args.seeds, out=args.out,
+                          workers=args.workers, resume=args.resume)
     if args.grid is not None:
         from .grid import grid_main
 

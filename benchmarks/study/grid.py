@@ -123,17 +123,18 @@ def load_grid(name: str, path: str | None = None, *, quick: bool = False, seeds:
     path = path or GRIDS_FILE
     with open(path) as fh:
         doc = yaml.safe_load(fh) or {}
-    top = sorted(set(doc) - {"task", "quick", "grids"})
+    top = sorted(set(doc) - {"task", "quick", "tuning", "grids"})  # tuning: benchmarks.study.tuned
     if top:
-        raise ValueError(f"{path}: unknown top-level keys {top}; accepted: ['task', 'quick', 'grids']")
+        raise ValueError(f"{path}: unknown top-level keys {top}; accepted: ['task', 'quick', 'tuning', 'grids']")
     grids = doc.get("grids") or {}
     if name not in grids:
         raise ValueError(f"unknown grid {name!r}; accepted: {sorted(grids)}")
     spec = dict(grids[name])
-    unknown = sorted(set(spec) - set(_GRID_KEYS) - {"quick"})
+    unknown = sorted(set(spec) - set(_GRID_KEYS) - {"quick", "tuned"})
     if unknown:
-        raise ValueError(f"{path}: grid {name!r}: unknown keys {unknown}; accepted: {list(_GRID_KEYS) + ['quick']}")
+        raise ValueError(f"{path}: grid {name!r}: unknown keys {unknown}; accepted: {list(_GRID_KEYS) + ['quick', 'tuned']}")
     own_quick = spec.pop("quick", None) or {}
+    spec.pop("tuned", None)  # benchmarks.study.tuned reads it
     spec["task"] = {**(doc.get("task") or {}), **(spec.get("task") or {})}
     if quick:
         for overrides in (doc.get("quick") or {}, own_quick):

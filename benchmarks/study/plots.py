@@ -15,7 +15,7 @@ import textwrap
 
 from ..common.output import pyplot as _pyplot, redraw, save_figure
 
-__all__ = ["grid_markdown", "grid_figure", "main"]
+__all__ = ["grid_markdown", "tuned_markdown", "grid_figure", "main"]
 
 
 def _pct(mean, std=None) -> str:
@@ -62,6 +62,46 @@ def grid_markdown(result: dict) -> str:
               f"{'/'.join(f'{v:.1f}' for v in m['load_average_end'])} at the end."]
     lines += [f"- {n}" for n in result.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def tuned_markdown(result: dict) -> str:
+    """A tuned grid's JSON (``benchmarks.study.tuned``): each cell at its validation-selected setting,
+    beside the grid's one setting; then the paired differences at the selected settings."""
+    cfg, task, tuning = result["config"], result["task"], result["tuning"]
+    grid_values = ", ".join(f"{k} {list(v)}" for k, v in tuning["values"].items())
+    lines = [f"## Tuned grid `{result['name']}`" + ("" if result.get("complete", True) else " (INCOMPLETE)"), "",
+             cfg["description"], "", result["description"], "",
+             f"{cfg['seeds']} seeds, tuning on the first {tuning['tune_seeds']}; validation {tuning['val_size']} digits (noisy "
+             f"labels); starting grid {grid_values}, an edge extended up to {tuning['extend']} times. Tuned: "
+             + "; ".join(f"{v} {', '.join(k) or '-'}" for v, k in result["tuned"].items()) + ".", "",
+             "| variant | cell | selected (by val) | values tried | seeds | test acc % | val acc % | test acc % at the grids' "
+             "setting (tuning seeds) |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["selected"]:
+        keys = result["tuned"][s["variant"]]
+        tried = "; ".join(f"{k} " + "/".join(f"{v:g}" for v in sorted({row["params"][k] for row in s["grid"]})) for k in keys) or "-"
+        default = {k: task[k] for k in keys}
+        at_default = next((row for row in s["grid"] if row["params"] == default), None)
+        edge = f" (grid edge: {', '.join(s['at_grid_edge'])})" if s["at_grid_edge"] else ""
+        cell = _params({k: v for k, v in s["cell"].items()})
+        lines.append(f"| {s['variant']} | {cell} | {s['setting']}{edge} | {tried} | {s['n']} | {_pct(s['test_acc_mean'], s['test_acc_std'])} "
+                     f"| {_pct(s['val_acc_mean'])} | "
+                     + (f"{_pct(at_default['test_acc_mean'])} ({s['setting'] == _setting(default) and 'selected' or _setting(default)})"
+                        if at_default else "-") + " |")
+    if result["paired"]:
+        lines += ["", "Paired differences at the selected settings (same seed: same data, initialization, batch order and "
+                  "shifts), test accuracy in points:", "", "| variant − baseline | cell | seeds | mean diff ± SE | wins |",
+                  "|---|---|---|---|---|"]
+        for d in result["paired"]:
+            mean = "n/a" if d["diff_mean"] is None else f"{100 * d['diff_mean']:+.2f}" + (
+                "" if d["diff_se"] is None else f" ± {100 * d['diff_se']:.2f}")
+            lines.append(f"| {d['variant']} − {d['baseline_variant']} | {_params(d['cell'])} | {d['n']} | {mean} | {d['wins']} / {d['n']} |")
+    m = result["machine"]
+    lines += ["", f"One torch thread per process (nice {m.get('nice')}), {m['cpu_count']} cores, torch {m['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _setting(params: dict) -> str:
+    return ",".join(f"{k}={params[k]}" for k in sorted(params)) or "-"
 
 
 def _cells(result: dict, variant: str, **match) -> list[dict]:

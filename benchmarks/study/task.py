@@ -183,16 +183,20 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def train_run(task: Task, variant: str, seed: int) -> dict[str, Any]:
+def train_run(task: Task, variant: str, seed: int, *, val_size: int = 0) -> dict[str, Any]:
     """Train one model from ``seed`` (init, shuffling, augmentation); return its accuracies and cost.
 
-    The same seed gives every variant the same initial weights, batch order and shifts.
+    The same seed gives every variant the same initial weights, batch order and shifts. With
+    ``val_size`` the cost grid's validation split (:func:`benchmarks.study.cost_run.load_split`:
+    noisy labels, removed from the test set) is held out too, and ``val_acc`` reported.
     """
     import dist_sam
     from dist_sam.train.models import SmallCNN
 
+    from .cost_run import load_split
+
     torch.set_num_threads(1)
-    data = load_task_data(task.train_size, task.noise, task.noise_seed)
+    data = load_split(task.train_size, val_size, task.noise, task.noise_seed)
     torch.manual_seed(seed)
     model = SmallCNN(10, width=task.width)
     opt = _optimizer(task, variant, model)
@@ -228,6 +232,7 @@ def train_run(task: Task, variant: str, seed: int) -> dict[str, Any]:
     out = dict(variant=variant, seed=seed, epochs=task.epochs, steps=total, m=micro if VARIANTS[variant][0] else None,
                train_time_s=wall, train_cpu_s=cpu, cpu_s_per_epoch=cpu / task.epochs,
                test_acc=_accuracy(model, data["x_test"], data["y_test"]),
+               val_acc=_accuracy(model, data["x_val"], data["y_val"]) if val_size else None,
                train_acc=_accuracy(model, data["x_train"], data["y_train"]),
                train_acc_clean=_accuracy(model, data["x_train"], data["y_train_clean"]),
                finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()))
