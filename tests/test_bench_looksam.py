@@ -23,17 +23,36 @@ def test_looksam_variant_names():
             parse_variant(bad, 8, 1, cfg)
 
 
+def test_off_step_floor_is_the_reuse_arithmetic_alone():
+    """``sgd+reuse``'s extra work is LookSAM's off-step rule and nothing else (float64 reference)."""
+    import torch
+
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    before = [g.double().clone() for g in grads]
+    g_v: list = []
+    harness.reuse_floor_(grads, g_v, 0.3)
+    v = [t.double() for t in g_v[:-1]]
+    norm = lambda ts: torch.sqrt(sum((t * t).sum() for t in ts))  # noqa: E731
+    assert all(a.shape == b.shape for a, b in zip(v, before))
+    for g, b, d in zip(grads, before, v):
+        torch.testing.assert_close(g.double(), b + 0.3 * norm(before) / norm(v) * d, rtol=1e-6, atol=1e-6)
+    floor = parse_variant("sgd+reuse", 8, 1, BenchConfig(quick=True, steps=2))
+    assert floor.optimizer is None and dict(floor.options) == {"reuse_alpha": 0.3}
+
+
 @pytest.mark.slow
 def test_looksam_steps_move_sgd_bytes_off_and_one_all_reduce_more_on_look_steps():
     cfg = BenchConfig(name="looksam_quick", model="small_cnn", image_size=16, num_classes=10, batch_size=8,
                       world_sizes=(2,), threads=1, warmup=1, steps=6, steps_per_round=1, quick=True, timeout_s=300,
-                      variants=("sgd", "looksam-off", "looksam-k2", "looksam-b/4-k3"))
+                      variants=("sgd", "sgd+reuse", "looksam-off", "looksam-k2", "looksam-b/4-k3"))
     ranks = harness.run_world(cfg, 2)
     assert ranks[0]["skipped"] == {}
     sgd = set(ranks[0]["variants"]["sgd"]["bytes"])
     assert len(sgd) == 1 and sgd.pop() > 0
     sgd_bytes = ranks[0]["variants"]["sgd"]["bytes"][0]
     assert set(ranks[0]["variants"]["looksam-off"]["bytes"]) == {sgd_bytes}, "every off step: SGD's bytes"
+    assert set(ranks[0]["variants"]["sgd+reuse"]["bytes"]) == {sgd_bytes}, "the floor: SGD's bytes"
     # warm-up took optimizer step 0; the timed steps are 1..6: look steps at every k-th counter value
     for name, k in (("looksam-k2", 2), ("looksam-b/4-k3", 3)):
         seen = ranks[0]["variants"][name]["bytes"]
@@ -42,4 +61,4 @@ def test_looksam_steps_move_sgd_bytes_off_and_one_all_reduce_more_on_look_steps(
     checks = {c["check"]: c for c in report.checks(records)}
     assert checks["all-reduce bytes looksam-off/sgd"]["ok"]
     assert checks["all-reduce bytes looksam-k2/sgd, off and look steps"]["ok"]
-    assert "step time looksam-off/sgd" in checks
+    assert "step time looksam-off/sgd" in checks and "step time looksam-off/sgd+reuse" in checks

@@ -128,6 +128,8 @@ def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Varia
     sam = (("rho", cfg.rho),)
     if name == "sgd":
         return Variant(name, None)
+    if name == "sgd+reuse":  # LookSAM's off-step floor: SGD plus one norm and one axpy (harness.reuse_floor_)
+        return Variant(name, None, options=(("reuse_alpha", 0.3),))
     if name in ("sam-local", "sam-global"):
         ascent = name.split("-")[1]
         return Variant(name, "sam", ascent, m=b if ascent == "local" else world_size * b, options=sam)
@@ -152,7 +154,7 @@ def parse_variant(name: str, b: int, world_size: int, cfg: BenchConfig) -> Varia
         opts = sam + (("estimator", estimator), ("lam", cfg.lam)) + ((("mu", cfg.mu),) if estimator == "fd" else ())
         return Variant(name, "rwsam", m=b, options=opts)
     raise ValueError(f"unknown variant {name!r}; accepted: {DEFAULT_VARIANTS} (msam-b/k for any k dividing b, msam-b/k-vmap "
-                     "batched), rwsam-exact, looksam-k<K>, looksam-b/<j>-k<K> (look-m-SAM), looksam-off")
+                     "batched), rwsam-exact, looksam-k<K>, looksam-b/<j>-k<K> (look-m-SAM), looksam-off, sgd+reuse (its floor)")
 
 
 #: ``looksam-off``: a look step once (in the warm-up), then only off steps: the cost of an off step.

@@ -36,12 +36,15 @@ def make_step(variant: Variant, model: nn.Module, cfg: BenchConfig) -> tuple[Cal
     dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
     if variant.optimizer is None:
         opt = torch.optim.SGD(model.parameters(), **base)
+        alpha, g_v = dict(variant.options).get("reuse_alpha"), []
 
         def sgd_step(x, y):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 loss = loss_fn(model(x), y).mean()
             loss.backward()
+            if alpha is not None:
+                reuse_floor_([p.grad for p in model.parameters() if p.grad is not None], g_v, alpha)
             opt.step()
             return loss.detach()
 
@@ -53,6 +56,18 @@ def make_step(variant: Variant, model: nn.Module, cfg: BenchConfig) -> tuple[Cal
                                  micro_batch_size=variant.micro_batch_size, autocast_dtype=dtype)
 
     return sam_step, opt
+
+
+@torch.no_grad()
+def reuse_floor_(grads: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> None:
+    """What a LookSAM off step must add to SGD, and nothing else: ``||g||`` (one read of the
+    gradients) and ``g += alpha (||g|| / ||g_v||) g_v`` (one fused axpy). ``g_v`` is a fixed
+    direction of the gradients' shapes, drawn on the first call (its norm once, as LookSAM stores it)."""
+    if not g_v:
+        g_v.extend(torch.randn_like(g) for g in grads)
+        g_v.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g_v))))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_add_(grads, g_v[:-1], alpha=float(alpha * norm / g_v[-1]))
 
 
 def compile_model(module: nn.Module, cfg: BenchConfig) -> nn.Module:

@@ -80,7 +80,7 @@ def checks(records: list[dict]) -> list[dict]:
             return at[a][key] / at[b][key]
 
         for a, b, limit in (("sam-local", "sgd", 2.05), ("rwsam-fd", "sam-local", 1.10), ("rwsam-last_layer", "sam-local", 1.03),
-                            ("looksam-off", "sgd", 1.05)):
+                            ("looksam-off", "sgd", 1.05), ("sgd+reuse", "sgd", 1.05), ("looksam-off", "sgd+reuse", 1.02)):
             value = ratio(a, b)
             if value is None:
                 continue  # a variant of the pair was not in this run

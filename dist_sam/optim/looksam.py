@@ -85,8 +85,12 @@ def reuse_(grads: Sequence[torch.Tensor], g_v: Sequence[torch.Tensor], g_v_norm:
            grad_norm: torch.Tensor, alpha: float) -> None:
     """``grads <- grads + alpha * (||g|| / (||g_v|| + eps)) * g_v`` in place (``grad_norm = ||g||``)."""
     scale = alpha * grad_norm.double() / (g_v_norm.double() + EPS_NORM)
+    cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # once per device and dtype, not per tensor
     for t, v in zip(grads, g_v):
-        t.addcmul_(v, scale.to(t.device, t.dtype))  # one fused pass, no host sync
+        key = (t.device, t.dtype)
+        if key not in cast:
+            cast[key] = scale.to(*key)
+        t.addcmul_(v, cast[key])  # one fused pass, no host sync
 
 
 class LookSAM(SAM):
