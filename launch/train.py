@@ -24,15 +24,4 @@ from dist_sam.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     status = main()
-    if "--deepspeed" in sys.argv and os.environ.get("DIST_SAM_FULL_TEARDOWN") != "1":
-        # Seen once under the deepspeed launcher on CPU: after a finished run a C++ thread left
-        # joinable aborted the interpreter's teardown ("terminate called without an active
-        # exception", exit 250 = the launcher's report of SIGABRT). The trainer now releases the
-        # engine and DeepSpeed's groups (dist_sam.train.ds.release_process_groups), but one gloo
-        # group and, on rank 0, the TCPStore server thread are still alive at exit, so the
-        # teardown is still skipped: flush and leave with the run's own status.
-        # DIST_SAM_FULL_TEARDOWN=1 runs it (benchmarks/faults/deepspeed_launch.py --full-teardown).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
     sys.exit(status)

@@ -1,16 +1,15 @@
 """``launch/deepspeed.sh`` N times in a row on CPU, counting failures (the teardown abort, issue 20).
 
     python -m benchmarks.faults.deepspeed_launch --runs 10 --out benchmarks/results/deepspeed_launch.json
-    python -m benchmarks.faults.deepspeed_launch --runs 10 --full-teardown   # without launch/train.py's os._exit
 
 Each run is the DeepSpeed launcher with 2 processes on DeepSpeed's CPU accelerator (gloo), the
 ``sam`` section of ``launch/configs/ds_demo_cpu.json`` (ZeRO-2, RW-SAM), one epoch of a tiny
 synthetic dataset (7 steps, checkpoints every 2 steps and at the end of the epoch), as
 ``tests/test_deepspeed_launcher.py`` runs it once. A run fails if its exit status is not 0 (250 is
 the launcher's report of a worker's SIGABRT: "terminate called without an active exception").
-``--full-teardown`` sets ``DIST_SAM_FULL_TEARDOWN=1``, which makes ``launch/train.py`` go through the
-interpreter's normal teardown instead of ``os._exit``. The JSON holds every run's status and wall
-time and the end of each failing run's output.
+Every run goes through the interpreter's full teardown (``launch/train.py`` has no ``os._exit``
+since DeepSpeed is imported before the default group, :func:`dist_sam.train.ds.import_deepspeed`).
+The JSON holds every run's status and wall time and the end of each failing run's output.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def _config(work: str, run: int) -> str:
     return path
 
 
-def launch(config: str, full_teardown: bool, timeout: float) -> tuple[int, float, str]:
+def launch(config: str, timeout: float) -> tuple[int, float, str]:
     """One ``launch/deepspeed.sh`` run: ``(exit status, wall seconds, output tail)``."""
     env = {**os.environ, "NUM_GPUS": "2", "DS_CONFIG": DS_CONFIG, "PYTHON": sys.executable,
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
@@ -57,8 +56,6 @@ def launch(config: str, full_teardown: bool, timeout: float) -> tuple[int, float
     # gets other include paths than a test's: a cache of its own spares each side a rebuild.
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
                                                         "dist_sam_launcher"))
-    if full_teardown:
-        env["DIST_SAM_FULL_TEARDOWN"] = "1"
     start = time.perf_counter()
     try:
         done = subprocess.run(["bash", SCRIPT, "--config", config], env=env, capture_output=True, text=True,
@@ -72,7 +69,6 @@ def launch(config: str, full_teardown: bool, timeout: float) -> tuple[int, float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--full-teardown", action="store_true", help="no os._exit in launch/train.py")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     p.add_argument("--out", default=None, help="JSON results (default: print only)")
     args = p.parse_args(argv)
@@ -82,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ds_launch_") as work:
         make_synthetic(os.path.join(work, "data"), 100, image_size=16)  # 10 val images: every class
         for i in range(args.runs):
-            status, seconds, output = launch(_config(work, i), args.full_teardown, args.timeout)
+            status, seconds, output = launch(_config(work, i), args.timeout)
             runs.append({"run": i, "status": status, "seconds": round(seconds, 1),
                          **({"output_tail": output} if status != 0 else {})})
             print(f"run {i + 1}/{args.runs}: exit {status} in {seconds:.0f} s", flush=True)
     failures = sum(r["status"] != 0 for r in runs)
-    result = {"runs": args.runs, "failures": failures, "full_teardown": args.full_teardown, "per_run": runs}
+    result = {"runs": args.runs, "failures": failures, "per_run": runs}
     print(f"{failures} failure(s) in {args.runs} runs of launch/deepspeed.sh", flush=True)
     if args.out:
         with open(args.out, "w") as fh:

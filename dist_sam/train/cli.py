@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     _setup_logging(discover().rank)
+    if ds_config is not None:
+        from .ds import import_deepspeed
+
+        try:
+            import_deepspeed()  # before the default group: else DeepSpeed keeps it alive to exit
+        except ImportError as err:
+            print(f"dist-sam train: --deepspeed needs DeepSpeed support: pip install 'dist-sam[deepspeed]' ({err})",
+                  file=sys.stderr)
+            return 2
     env = init_distributed(args.launcher, timeout_s=cfg.run.collective_timeout_s, always=args.deepspeed is not None)
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     try:

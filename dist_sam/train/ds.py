@@ -31,7 +31,7 @@ from .plan import BatchPlan, replan
 from .state import gather
 from .steps import BASE_CLASSES, peak_lr
 
-__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config", "release_process_groups"]
+__all__ = ["DeepSpeedTrainer", "run_deepspeed", "deepspeed_config", "import_deepspeed", "release_process_groups"]
 
 log = logging.getLogger("dist_sam.train")
 _TAG = "step_{:09d}"
@@ -45,6 +45,28 @@ def _import_module():
     except ImportError as err:
         raise ImportError(f"--deepspeed needs DeepSpeed: pip install 'dist-sam[deepspeed]' ({err})") from err
     return ds
+
+
+def import_deepspeed() -> None:
+    """Import DeepSpeed before the default process group exists (``launch/train.py --deepspeed``).
+
+    DeepSpeed 0.19.8's ``TorchBackend.barrier`` and ``monitored_barrier``
+    (``deepspeed/comm/torch.py:516`` and ``:522``) take ``group=torch.distributed.GroupMember.WORLD``
+    as a default argument, evaluated once, when ``deepspeed.comm.torch`` is first imported. Imported
+    after ``init_process_group`` (as this trainer did, DeepSpeed being imported lazily), those two
+    functions' ``__defaults__`` keep the world ProcessGroup object for the life of the interpreter:
+    ``destroy_process_group`` empties ``_world`` but cannot reach them, so the world group's
+    ProcessGroupGloo (its ``gloo_tcp_loop`` and two ``pt_gloo_runloop`` threads) and, through its
+    store, rank 0's TCPStore server (``pt_tcpstore_uv``) lived into the interpreter's teardown, where
+    a joinable C++ thread aborted it (issue 20). The defaults tuple holds no GC-tracked object, so
+    ``gc.get_referrers`` does not list it. Imported first, the defaults are ``None``, which both
+    functions replace with the current world group when called: the same behaviour, no reference.
+
+    Raises:
+        ImportError: DeepSpeed (or its dist_sam adapter) is not installed.
+    """
+    _import_module()
+    import deepspeed.comm.torch  # noqa: F401  (the class body that reads GroupMember.WORLD)
 
 
 def deepspeed_config(cfg: TrainConfig, path: str) -> dict[str, Any]:
@@ -208,7 +230,8 @@ def release_process_groups() -> None:
     ``gloo_tcp_loop`` and ``pt_gloo_runloop`` threads) and, on rank 0, the TCPStore server
     (``pt_tcpstore_uv``) running into the interpreter's teardown: ZeRO's gradient hooks held the
     engine (:meth:`DeepSpeedTrainer.close`) and ``deepspeed.utils.groups`` its world group, which
-    ``deepspeed.comm.destroy_process_group`` releases.
+    ``deepspeed.comm.destroy_process_group`` releases. The default group itself is released only if
+    DeepSpeed was imported before it was created (:func:`import_deepspeed`).
     """
     import gc
     import sys
