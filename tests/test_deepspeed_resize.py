@@ -10,6 +10,7 @@ weights equal the uninterrupted 2-worker run's up to fp32 reduction order.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -41,13 +42,23 @@ def _run(args: list[str], nproc: int):
 
 
 def _give_rank_its_own_mu(output_dir: str, step: int, rank: int, factor: float) -> list[float]:
-    """Multiply ``rank``'s saved RW-SAM ``mu`` (SAMEngine's per-rank client state) by ``factor``."""
-    path = os.path.join(output_dir, "checkpoints", f"step_{step:09d}", "mp_rank_00_model_states.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    per_rank = state["dist_sam"]["per_rank"]
-    per_rank[rank]["rwsam"]["mu"] *= factor
-    torch.save(state, path)
+    """Multiply ``rank``'s saved RW-SAM ``mu`` (SAMEngine's per-rank client state) by ``factor``, in
+    every engine file holding it (one below ZeRO-3, one per rank at ZeRO-3)."""
+    paths = glob.glob(os.path.join(output_dir, "checkpoints", f"step_{step:09d}", "*mp_rank_00_model_states.pt"))
+    assert paths
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        per_rank = state["dist_sam"]["per_rank"]
+        per_rank[rank]["rwsam"]["mu"] *= factor
+        torch.save(state, path)
     return [r["rwsam"]["mu"] for r in per_rank]
+
+
+def _param_diff(a_dir: str, b_dir: str) -> float:
+    """The largest difference between two runs' final parameters (``model.pt``; not BN statistics)."""
+    a, b = weights(a_dir), weights(b_dir)
+    params = [n for n, _ in build_model("small_cnn", num_classes=4).named_parameters()]
+    return max((a[n].double() - b[n].double()).abs().max().item() for n in params)
 
 
 @pytest.mark.parametrize("stage,base", [(2, "adamw"), (0, "sgd")])
@@ -71,9 +82,7 @@ def test_deepspeed_2_to_1_keeps_global_batch_and_m_and_matches_the_2_worker_run(
     assert summary["batch_plan"] == {"world_size": 1, "batch_size": 16, "accumulation_steps": 2}
     assert ("universal checkpoint format" in log) == (stage != 0), log[-3000:]
     assert "re-planned for world size 1: per-worker batch 8 -> 16, accumulation_steps 1 -> 2" in log, log[-3000:]
-    a, b = weights(reference), weights(out)
-    params = [n for n, _ in build_model("small_cnn", num_classes=4).named_parameters()]  # not BN statistics
-    diff = max((a[n].double() - b[n].double()).abs().max().item() for n in params)
+    diff = _param_diff(reference, out)
     print(f"\nZeRO-{stage} ({base}) 2->1: max |w_2_workers - w_resized| over parameters = {diff:.3g}")
     assert diff <= TOLERANCE
 
@@ -83,8 +92,13 @@ def test_resizes_deepspeed_cannot_load_are_refused_naming_what_works(tmp_path):
     from dist_sam.train.ds_resize import check_resizable
 
     zero2 = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(CheckpointError, match="ds_to_universal.py:154.*not sgd's.*ZeRO-1/2 with optim.base adam"):
+    with pytest.raises(CheckpointError, match="ds_to_universal.py:154.*not sgd's.*ZeRO-1/2/3 with optim.base adam"):
         check_resizable(zero2, "sgd", 2, 1, str(tmp_path))
+    zero3 = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(CheckpointError, match="ZeRO-3 states only.*ds_to_universal.py:196 and stage3.py:3665.*"
+                                              "not sgd's.*ZeRO-1/2/3 with optim.base adam or adamw"):
+        check_resizable(zero3, "sgd", 2, 1, str(tmp_path))
+    check_resizable(zero3, "adam", 2, 1, str(tmp_path))
     with pytest.raises(CheckpointError, match="ZeRO-0 bf16.*ZeRO-0 in fp32"):
         check_resizable({"bf16": {"enabled": True}}, "sgd", 2, 1, str(tmp_path))
     check_resizable({**zero2, "bf16": {"enabled": True}}, "AdamW", 2, 1, str(tmp_path))

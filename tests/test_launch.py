@@ -94,7 +94,7 @@ def test_deepspeed_config_checked_before_training(tiny, tmp_path, capsys):
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "sam": {"variant": "sam"}}))
     assert cli.main(["--config", cfg, "--deepspeed", str(ds)]) == 2
     assert "train_micro_batch_size_per_gpu=32" in capsys.readouterr().err
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))  # the trainer's own refusal
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "sam": {"variant": "sam", "ascent": "global"}}))
     assert cli.main(["--config", cfg, "--deepspeed", str(ds)]) == 2
     assert "zero_optimization.stage" in capsys.readouterr().err
     assert cli.main(["--config", cfg, "--deepspeed", str(tmp_path / "missing.json")]) == 2

@@ -9,7 +9,11 @@ its shards) with the training position and per-rank RNG states as client state.
 A step is one optimizer step of the batch plan (:mod:`.plan`): the loader hands each worker
 ``micro * gradient_accumulation_steps`` samples, fed to the engine one micro-batch at a time, so a
 resume at another world size keeps the global batch and ``m`` as the DDP trainer does
-(:mod:`.ds_resize`: ZeRO-0 fp32 as saved, ZeRO-1/2 through DeepSpeed's universal checkpoint).
+(:mod:`.ds_resize`: ZeRO-0 fp32 as saved, ZeRO-1/2/3 through DeepSpeed's universal checkpoint).
+
+Under ZeRO-3 the module's parameters are partitioned: evaluation runs through DeepSpeed's gather
+hooks, and ``model.pt`` and the replica digests take the whole parameters gathered on every rank
+(:meth:`DeepSpeedTrainer.whole_state`).
 """
 
 from __future__ import annotations
@@ -101,16 +105,12 @@ def deepspeed_config(cfg: TrainConfig, path: str) -> dict[str, Any]:
     elif cfg.run.precision == "fp16":
         raise ValueError("run.precision: fp16 is not supported by the trainer under --deepspeed; use bf16 or fp32 "
                          '(dist_sam.deepspeed.initialize accepts "fp16": {"enabled": true} directly)')
-    if (config.get("zero_optimization") or {}).get("stage", 0) == 3:
-        raise ValueError(f"--deepspeed {path}: zero_optimization.stage=3 is not supported by the trainer (its "
-                         "model.pt and replica digests need whole parameters); accepted: 0, 1, 2, or "
-                         "dist_sam.deepspeed.initialize directly for ZeRO-3")
     check_config(config)
     return config
 
 
 class DeepSpeedTrainer(Trainer):
-    """:class:`Trainer` with a DeepSpeed engine in place of DDP (ZeRO 0/1/2, bf16 or fp32)."""
+    """:class:`Trainer` with a DeepSpeed engine in place of DDP (ZeRO 0-3, bf16 or fp32)."""
 
     guarded = False  # the engine's optimizer is DeepSpeed's; it skips and counts non-finite steps itself
 
@@ -171,6 +171,21 @@ class DeepSpeedTrainer(Trainer):
         if isinstance(engine.sam, RWSAM):  # directions per global ascent group: the same at any world size
             engine.sam.groups_per_rank = self.plan.groups_per_rank(self.cfg)
 
+    def whole_state(self) -> dict[str, torch.Tensor]:
+        """ZeRO-3: the whole parameters, gathered on every rank (a collective) and copied out.
+
+        ``GatheredParameters`` all-gathers the partitions the module computes with: in fp32 they
+        are the optimizer's fp32 master partitions bit for bit (stage 3 copies them into the
+        parameters after each step), and in bf16 the bf16 weights, as ZeRO-1/2's ``model.pt``. The
+        16-bit consolidated state dict would hand the weights to rank 0 only (no digest elsewhere).
+        """
+        if self.engine.zero_optimization_stage() != 3:
+            return super().whole_state()
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The plan's micro-batches in turn; DeepSpeed steps (and the LR schedule) at the last."""
         micro = self.plan.chunk
@@ -195,7 +210,7 @@ class DeepSpeedTrainer(Trainer):
 
     def resume(self) -> None:
         """Load the tag :meth:`find_checkpoint` chose into the engine; after a change of world size
-        its universal copy (ZeRO-1/2), and each ascent group's RW-SAM ``mu`` from the rank that read it."""
+        its universal copy (ZeRO-1/2/3), and each ascent group's RW-SAM ``mu`` from the rank that read it."""
         state, self._loaded = self._loaded, None
         if state is None:
             return

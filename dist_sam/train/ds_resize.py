@@ -17,11 +17,16 @@ What DeepSpeed 0.19.8 can load at another data-parallel size:
   temporary name, then renamed: a conversion cut short is redone), and the engine is built with
   ``checkpoint.load_universal`` to load it. The original tag is left as it was; the converted
   copy goes with its tag when ``checkpoint.keep_last`` prunes it.
-* Refused before any work (:func:`check_resizable`): ZeRO-1/2 with a base optimizer other than
-  Adam/AdamW (``ds_to_universal.py:154`` reads ``exp_avg`` and ``exp_avg_sq``: SGD's
-  ``momentum_buffer`` is a ``KeyError``), and ZeRO-0 in bf16 (its ``BF16_Optimizer`` writes
-  partitioned states that ``engine.load_checkpoint`` loads only under ZeRO, ``engine.py:4455``).
-  ZeRO-3 is refused by the trainer altogether (:func:`.ds.deepspeed_config`).
+* ZeRO-3: the same conversion (``ds_to_universal.py:1277``, its stage-3 path) and
+  ``checkpoint.load_universal``; stage 3's loader (``deepspeed/runtime/zero/stage3.py:3664-3665``)
+  restores the fp32 partitions, ``exp_avg`` and ``exp_avg_sq`` and the ``step``, nothing else. The
+  engine's client state is in every rank's ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``
+  (:data:`MODEL_FILES`).
+* Refused before any work (:func:`check_resizable`): ZeRO-1/2/3 with a base optimizer other than
+  Adam/AdamW (``ds_to_universal.py:154`` and, at ZeRO-3, ``:196`` read ``exp_avg`` and
+  ``exp_avg_sq``: SGD's ``momentum_buffer`` is a ``KeyError``), and ZeRO-0 in bf16 (its
+  ``BF16_Optimizer`` writes partitioned states that ``engine.load_checkpoint`` loads only under
+  ZeRO, ``engine.py:4455``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ __all__ = ["read_tag", "check_resizable", "resize_config", "to_universal", "UNIV
 
 log = logging.getLogger("dist_sam.train")
 UNIVERSAL = "universal"  # the converted copy, inside the tag it was made from
+# the engine's client state: one file below ZeRO-3, one per rank (each with the client state) at ZeRO-3
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def read_tag(directory: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -52,7 +59,8 @@ def read_tag(directory: str) -> tuple[str | None, dict[str, Any] | None]:
         return None, None
     with open(latest) as fh:
         path = os.path.join(directory, fh.read().strip())
-    model_file = os.path.join(path, "mp_rank_00_model_states.pt")
+    model_file = next((f for f in (os.path.join(path, n) for n in MODEL_FILES) if os.path.isfile(f)),
+                      os.path.join(path, MODEL_FILES[0]))
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as err:
@@ -66,8 +74,8 @@ def _stage(config: dict[str, Any]) -> int:
     return (config.get("zero_optimization") or {}).get("stage", 0)
 
 
-ADAM_STATES = ("adam", "adamw")  # the base optimizers whose ZeRO-1/2 states ds_to_universal converts
-_WORKS = "ZeRO-0 in fp32 (any base optimizer) and ZeRO-1/2 with optim.base adam or adamw (fp32, bf16)"
+ADAM_STATES = ("adam", "adamw")  # the base optimizers whose ZeRO-1/2/3 states ds_to_universal converts
+_WORKS = "ZeRO-0 in fp32 (any base optimizer) and ZeRO-1/2/3 with optim.base adam or adamw"
 
 
 def check_resizable(config: dict[str, Any], base: str, saved_world_size: int, world_size: int, path: str) -> None:
@@ -77,7 +85,7 @@ def check_resizable(config: dict[str, Any], base: str, saved_world_size: int, wo
         base: the base optimizer's name (``optim.base``, or the JSON's ``optimizer.type``).
 
     Raises:
-        CheckpointError: ZeRO-0 with bf16; ZeRO-1/2 with a base optimizer whose state is not
+        CheckpointError: ZeRO-0 with bf16; ZeRO-1/2/3 with a base optimizer whose state is not
             Adam's (naming the stages and optimizers that work).
     """
     bf16 = bool((config.get("bf16") or {}).get("enabled", False))
@@ -87,18 +95,20 @@ def check_resizable(config: dict[str, Any], base: str, saved_world_size: int, wo
                               "world size (deepspeed/runtime/engine.py:4455 loads them under ZeRO only)",
                               f"resume with world size {saved_world_size}; {_WORKS} resume at any world size the "
                               "batch plan allows")
-    if _stage(config) in (1, 2) and base.lower() not in ADAM_STATES:
-        raise CheckpointError(path, where + f"DeepSpeed 0.19.8's universal checkpoint converts Adam's ZeRO-1/2 states "
-                              f"only (deepspeed/checkpoint/ds_to_universal.py:154 reads exp_avg, exp_avg_sq), not "
-                              f"{base}'s", f"resume with world size {saved_world_size}; {_WORKS} resume at any world "
-                              "size the batch plan allows")
+    if _stage(config) in (1, 2, 3) and base.lower() not in ADAM_STATES:
+        stage = _stage(config)
+        lines = "ds_to_universal.py:196 and stage3.py:3665" if stage == 3 else "ds_to_universal.py:154"
+        raise CheckpointError(path, where + f"DeepSpeed 0.19.8's universal checkpoint converts Adam's ZeRO-{stage} "
+                              f"states only (deepspeed/checkpoint/{lines} read exp_avg, exp_avg_sq), not {base}'s",
+                              f"resume with world size {saved_world_size}; {_WORKS} resume at any world size the "
+                              "batch plan allows")
 
 
 def resize_config(config: dict[str, Any], micro: int, accumulation_steps: int, universal: bool) -> dict[str, Any]:
     """The engine config of a re-planned run: the plan's micro-batch and accumulation, and, after a
-    change of world size under ZeRO-1/2, ``checkpoint.load_universal``."""
+    change of world size under ZeRO-1/2/3, ``checkpoint.load_universal``."""
     config = {**config, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation_steps}
-    if universal and _stage(config) in (1, 2):
+    if universal and _stage(config) in (1, 2, 3):
         config["checkpoint"] = {**(config.get("checkpoint") or {}), "load_universal": True}
     return config
 

@@ -161,7 +161,7 @@ class Trainer(CheckpointMixin, OutputsMixin):
             self.write_config()
             stopped = self.train_epochs()
             self.sync_buffers()
-            self.final_state = full_model_state(self.model) if self.sharded else self.module.state_dict()
+            self.final_state = self.whole_state()
             self.digests = gather(weights_digest(self.final_state))  # every replica, bit for bit
             barrier()
         except RuntimeError as err:  # a collective that timed out or lost its peer, named with the step
@@ -174,6 +174,10 @@ class Trainer(CheckpointMixin, OutputsMixin):
             self.stop.uninstall()
             self.scalars.close()
         return self.summary(finished=not stopped)
+
+    def whole_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state on every rank (a collective where the model is sharded)."""
+        return full_model_state(self.model) if self.sharded else self.module.state_dict()
 
     def write_config(self) -> None:
         """Rank 0 writes ``config.yaml``; every rank stops, named, if it could not (a collective)."""
