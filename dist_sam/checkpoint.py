@@ -145,8 +145,13 @@ def write_file(staging: str, name: str, obj: Any) -> dict[str, Any]:
             try:
                 torch.save(obj, writer)
             except Exception as err:  # noqa: BLE001 -- torch.save's own error for a failed write hides the OS's
-                if writer.error is not None and writer.error is not err:
-                    raise writer.error from err
+                # Taken out of the writer: torch.save's C++ file writer holds ``writer.write``, and the
+                # error's traceback holds that writer, a cycle the garbage collector cannot see. Left,
+                # it kept the trainer, its DDP model and the process group alive to the interpreter's
+                # finalization, whose gloo teardown then aborted the failing rank (SIGABRT, not 74).
+                error, writer.error = writer.error, None
+                if error is not None and error is not err:
+                    raise error from err
                 raise
             fh.flush()
             os.fsync(fh.fileno())

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch
@@ -49,10 +51,25 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
-    results, errors = [None] * world_size, []
+    results, errors, pending = [None] * world_size, [], set(range(world_size))
+    deadline, dead_since = time.monotonic() + timeout, None
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+        while pending:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                now = time.monotonic()
+                dead = [r for r in pending if procs[r].exitcode is not None]
+                if dead and dead_since is None:
+                    dead_since = now  # its report may still be in the pipe: a grace period
+                if dead and now - dead_since > 10:
+                    raise AssertionError(f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]} without "
+                                         f"reporting (a crash or an abort); errors so far: {errors}")
+                if now > deadline:
+                    raise AssertionError(f"rank(s) {sorted(pending)} reported nothing in {timeout:.0f} s (a hang); "
+                                         f"errors so far: {errors}")
+                continue
+            pending.discard(rank)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
             else:

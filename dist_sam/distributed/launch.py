@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import os
 import socket
 from typing import Any
@@ -20,11 +21,53 @@ import torch.distributed as dist
 
 from .env import DEFAULT_MASTER_PORT, DistEnv, discover
 
-__all__ = ["init_distributed", "mpi_bootstrap", "LAUNCHERS", "default_backend"]
+__all__ = ["init_distributed", "mpi_bootstrap", "import_before_group", "shutdown_distributed", "LAUNCHERS", "default_backend"]
 
 LAUNCHERS = ("env", "mpi")
 _MPI_SOURCES = ("openmpi", "pmi", "pmix")
 _MPI_INSTALL = "--launcher mpi needs mpi4py and an MPI library: pip install 'dist-sam[mpi]'"
+
+
+# torch.distributed modules whose functions take ``group=dist.group.WORLD`` as a default argument:
+# Python evaluates it at import, so a module first imported after ``init_process_group`` keeps the
+# default group alive after ``destroy_process_group`` (fsdp/sharded_grad_scaler.py,
+# optim/zero_redundancy_optimizer.py, nn/functional.py in torch 2.14). Its gloo threads then meet
+# the interpreter's finalization, which aborts now and then ("terminate called without an active
+# exception", SIGABRT after a finished run). Imported first, they bind ``None``: nothing is held.
+# DeepSpeed's ``deepspeed.comm.torch`` does the same (dist_sam.train.ds.import_deepspeed).
+_BIND_WORLD_AT_IMPORT = ("torch.distributed.fsdp", "torch.distributed.optim", "torch.distributed.nn")
+
+
+def import_before_group() -> None:
+    """Import the modules of :data:`_BIND_WORLD_AT_IMPORT` (before the default group exists)."""
+    for name in _BIND_WORLD_AT_IMPORT:
+        importlib.import_module(name)
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group and release what still holds them, while the interpreter runs.
+
+    ``destroy_process_group`` empties torch's registry, but a group object lives on while anything
+    references it; its gloo threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) then run into the
+    interpreter's finalization, which aborts now and then. Two holders are known in torch 2.14:
+    a module that binds ``group.WORLD`` at import (:func:`import_before_group` takes them first),
+    and the ``DeviceMesh`` of every FSDP2/DTensor model: DTensor's sharding-propagation caches keep
+    the meshes alive after the model is gone, and a mesh keeps its groups in ``_pg_registry``.
+    The groups are destroyed by then, so emptying that registry loses nothing.
+    """
+    import gc
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    mesh_type = getattr(mesh_module, "DeviceMesh", None)
+    if mesh_type is not None:  # only if a mesh can exist: the module was imported
+        for obj in gc.get_objects():
+            if isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
+                obj._pg_registry.clear()
+        gc.collect()
 
 
 def default_backend() -> str:
@@ -123,6 +166,7 @@ def init_distributed(launcher: str = "env", backend: str | None = None, timeout_
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(port), RANK=str(env.rank),
                       WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     timeout = datetime.timedelta(seconds=timeout_s)
+    import_before_group()
     dist.init_process_group(backend or default_backend(), store=_store(env.master_addr, port, env, timeout),
                             rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env

@@ -19,13 +19,12 @@ import logging
 import os
 import sys
 
-import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import CheckpointError, CheckpointWriteError
 from ..data import DatasetLayoutError
 from ..distributed.env import discover
-from ..distributed.launch import LAUNCHERS, init_distributed
+from ..distributed.launch import LAUNCHERS, init_distributed, shutdown_distributed
 from .config import dump_yaml, load_config
 from .faults import CollectiveError, NonFiniteError, exit_status
 from .preempt import PREEMPTED_EXIT
@@ -89,18 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(args.launcher, timeout_s=cfg.run.collective_timeout_s, always=args.deepspeed is not None)
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     try:
-        if ds_config is not None:
-            from .ds import run_deepspeed
-
-            with logging_redirect_tqdm():
-                summary = run_deepspeed(cfg, env, ds_config)
-        else:
-            from .loop import Trainer
-
-            trainer = Trainer(cfg, env)
-            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-                summary = trainer.run()
-            trainer.write_outputs(summary)
+        summary = _train(cfg, env, ds_config)  # the trainer is gone on return: nothing holds a group
         if env.rank == 0:
             _report(cfg.run.output_dir, summary)
     except (CheckpointError, DatasetLayoutError) as err:  # every rank refuses alike, before training
@@ -114,9 +102,25 @@ def main(argv: list[str] | None = None) -> int:
             from .ds import release_process_groups
 
             release_process_groups()  # DeepSpeed's groups too: nothing of them left running at exit
-        elif dist.is_initialized():
-            dist.destroy_process_group()
+        else:
+            shutdown_distributed()  # no group thread left to meet the interpreter's finalization
     return PREEMPTED_EXIT if summary.get("preempted") else 0
+
+
+def _train(cfg, env, ds_config: dict | None) -> dict:
+    """Train; the summary. The trainer (and the model and groups it holds) lives only in here, so
+    :func:`shutdown_distributed` afterwards finds nothing left holding a process group."""
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        if ds_config is not None:
+            from .ds import run_deepspeed
+
+            return run_deepspeed(cfg, env, ds_config)
+        from .loop import Trainer
+
+        trainer = Trainer(cfg, env)
+        summary = trainer.run()
+        trainer.write_outputs(summary)
+        return summary
 
 
 def _report(output_dir: str, summary: dict) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, config_diff
+from ..distributed.launch import shutdown_distributed
 from ..optim.rwsam import RWSAM
 from .config import RESUME_MAY_DIFFER, TrainConfig, to_dict
 from .ds_resize import check_resizable, read_tag, resize_config, to_universal
@@ -248,16 +249,13 @@ def release_process_groups() -> None:
     ``deepspeed.comm.destroy_process_group`` releases. The default group itself is released only if
     DeepSpeed was imported before it was created (:func:`import_deepspeed`).
     """
-    import gc
     import sys
 
     comm = sys.modules.get("deepspeed.comm.comm")  # None: the run stopped before DeepSpeed was imported
     if torch.distributed.is_initialized():
         if comm is not None and comm.cdb is not None:
             comm.destroy_process_group()  # torch's, then deepspeed.utils.groups' references
-        else:
-            torch.distributed.destroy_process_group()
-    gc.collect()  # the engine's reference cycles, with the groups they hold
+    shutdown_distributed()  # the rest, and the engine's reference cycles with the groups they hold
 
 
 def run_deepspeed(cfg: TrainConfig, env, ds_config: dict[str, Any]) -> dict[str, Any]:
