@@ -122,3 +122,50 @@ def test_cost_config_validation(tmp_path):
     with pytest.raises(ValueError, match="CostConfig.alpha"):
         CostConfig(alpha=())
     assert study.main(["--grid", "cost", "--phase", "bogus", "--out", str(tmp_path)]) == 2
+
+
+def _fake_run(peak: dict):
+    """A stand-in trainer whose validation accuracy peaks at ``peak`` (log-distance), test = val."""
+    import math
+
+    def run(task, spec, params, seed, val_size):
+        acc = 0.9 - sum(abs(math.log(params[k] / v)) for k, v in peak.items() if k in params) / 10 + seed * 1e-4
+        return dict(seed=seed, params=params, steps=1, m=None, train_cpu_s=0.0, val_acc=acc, test_acc=acc, finite=True,
+                    passes_per_step=1.0)
+    return run
+
+
+def test_cost_grid_extends_an_edge_selection_and_stops_at_the_limit(tmp_path, monkeypatch):
+    from benchmarks.study import cost
+
+    # the optimum lies past the top of rho's grid (0.05, 0.1, 0.2): the edge grows to 0.4, then 0.8, then stops
+    monkeypatch.setattr(cost, "train_cost_run", _fake_run({"rho": 1.6}))
+    cfg = CostConfig(methods=("sgd", "sam-local", "looksam k=5"), noise=(0.4,), seeds=3, tune_seeds=2, extend=2,
+                     alpha=(0.3, 0.7), look_rho=(0.05, 0.1))
+    result = cost.run_cost(cfg, str(tmp_path), phase="accuracy", figures=False, log=lambda *_: None)
+    sam = next(s for s in result["selected"] if s["method"] == "sam-local")
+    assert sam["params"] == {"rho": 0.8} and sam["at_grid_edge"] == ["rho"]  # still on an edge: extend=2 was used up
+    assert [p["rho"] for p in result["tuned_grid"]["sam-local"]["0.4"]] == [0.05, 0.1, 0.2, 0.4, 0.8]
+    assert sam["seeds"] == [0, 1, 2]  # the chosen setting ran on the remaining seed too
+    rhos = sorted({r["params"]["rho"] for r in result["runs"] if r["method"] == "sam-local"})
+    assert rhos == [0.05, 0.1, 0.2, 0.4, 0.8]
+    assert all(r["seed"] < 2 for r in result["runs"] if r["method"] == "sam-local" and r["params"]["rho"] != 0.8)
+    # LookSAM: rho grows the same way (alpha, flat here, ties to its first value and grows downward)
+    look = next(s for s in result["selected"] if s["method"] == "looksam k=5")
+    assert look["params"]["rho"] == 0.4 and "rho" in look["at_grid_edge"]  # 0.1 -> 0.2 -> 0.4: two extensions
+
+
+def test_cost_grid_extends_alpha_toward_one_and_an_inner_optimum_not_at_all(tmp_path, monkeypatch):
+    from benchmarks.study import cost
+
+    assert cost.extend_value("alpha", 0.7, low=False) == 0.85 and cost.extend_value("alpha", 0.3, low=True) == 0.15
+    assert cost.extend_value("rho", 0.05, low=True) == 0.025 and cost.extend_value("rho", 0.2, low=False) == 0.4
+    monkeypatch.setattr(cost, "train_cost_run", _fake_run({"rho": 0.1, "alpha": 0.95}))
+    cfg = CostConfig(methods=("sgd", "sam-local", "looksam k=5"), noise=(0.0,), seeds=2, tune_seeds=2, extend=2,
+                     look_rho=(0.05, 0.1, 0.2))
+    result = cost.run_cost(cfg, str(tmp_path), phase="accuracy", figures=False, log=lambda *_: None)
+    grids = result["tuned_grid"]
+    assert grids["sam-local"]["0.0"] == [{"rho": r} for r in (0.05, 0.1, 0.2)]  # inside the grid: nothing added
+    look = next(s for s in result["selected"] if s["method"] == "looksam k=5")
+    assert look["params"] == {"rho": 0.1, "alpha": 0.925} and look["at_grid_edge"] == ["alpha"]
+    assert sorted({p["alpha"] for p in grids["looksam k=5"]["0.0"]}) == [0.3, 0.7, 0.85, 0.925]

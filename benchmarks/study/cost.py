@@ -6,7 +6,10 @@
 Every method of :data:`METHODS` is tuned on the validation split (``benchmarks.study.cost_run``):
 ``rho`` for each, ``alpha`` for LookSAM and look-m-SAM, ``lam`` for RW-SAM (``k`` is part of the
 method). With ``tune_seeds`` set, the whole tuning grid runs on the first ``tune_seeds`` seeds and
-the chosen setting on the rest (:mod:`benchmarks.study.cost_select`). Every seed gives every method
+the chosen setting on the rest (:mod:`benchmarks.study.cost_select`). A selection on an edge of
+its grid extends that edge (:func:`tuned_grid`: rho and lam halved or doubled, alpha halved or
+moved half-way to 1) up to ``extend`` times per key, so a reported best lies inside its grid or is
+marked as still on an edge; ``--resume`` runs only the settings an extension adds. Every seed gives every method
 the same data order, initialization and shifts, so differences are paired by seed. Cost: step time
 relative to SGD from the interleaved timing phase (:mod:`benchmarks.study.cost_time`), passes per
 step counted in the accuracy runs. Results: ``<out>/study_cost.json`` (rewritten after every run),
@@ -68,6 +71,7 @@ class CostConfig:
     look_rho: tuple[float, ...] = (0.05, 0.1)  # LookSAM and look-m-SAM: crossed with alpha
     alpha: tuple[float, ...] = (0.3, 0.7)
     lam: tuple[float, ...] = (0.5,)
+    extend: int = 2  # a selection on a grid edge extends that edge (see extend_value), up to 2 times per key
     task: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(width=16))  # the grids' task, a narrower CNN
     workers: int = 1
     time_rounds: int = 7
@@ -89,6 +93,8 @@ class CostConfig:
         for key in ("rho", "look_rho", "alpha", "lam"):
             if not getattr(self, key) or any(v <= 0 for v in getattr(self, key)):
                 raise ValueError(f"CostConfig.{key} must be a non-empty list of positive values, got {getattr(self, key)}")
+        if isinstance(self.extend, bool) or not isinstance(self.extend, int) or self.extend < 0:
+            raise ValueError(f"CostConfig.extend must be an integer >= 0, got {self.extend!r}")
         Task(**self.task)
 
     @property
@@ -101,15 +107,49 @@ class CostConfig:
 
 #: the smoke run: every method, a two-point tuning grid, a few steps on a tiny task
 QUICK = dict(seeds=2, val_size=50, rho=(0.05, 0.2), look_rho=(0.05,), alpha=(0.3, 0.7), lam=(0.5,), time_rounds=2, time_steps=4,
-             time_warmup=2, task=dict(train_size=100, epochs=1, max_steps_per_epoch=2, batch_size=32, width=8), quick=True)
+             time_warmup=2, extend=0, task=dict(train_size=100, epochs=1, max_steps_per_epoch=2, batch_size=32, width=8), quick=True)
+
+
+def _values(cfg: CostConfig, method: str) -> dict[str, tuple[float, ...]]:
+    look = METHODS[method]["opt"] == "looksam"
+    return {k: tuple(cfg.look_rho if k == "rho" and look else getattr(cfg, k)) for k in METHODS[method]["tune"]}
+
+
+def _product(values: dict[str, tuple[float, ...]]) -> list[dict]:
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
 def settings(cfg: CostConfig, method: str) -> list[dict]:
-    """The tuning grid of ``method``: the product of the values of the hyperparameters it tunes."""
-    keys = METHODS[method]["tune"]
-    look = METHODS[method]["opt"] == "looksam"
-    grid = [cfg.look_rho if k == "rho" and look else getattr(cfg, k) for k in keys]
-    return [dict(zip(keys, values)) for values in itertools.product(*grid)]
+    """The starting tuning grid of ``method``: the product of the values of the hyperparameters it tunes."""
+    return _product(_values(cfg, method))
+
+
+def extend_value(key: str, value: float, low: bool) -> float:
+    """The next value past a grid edge: half or double; LookSAM's ``alpha`` stays in (0, 1)
+    (halved toward 0, half-way toward 1)."""
+    if key == "alpha" and not low:
+        return round((1.0 + value) / 2, 6)
+    return round(value / 2 if low else value * 2, 6)
+
+
+def tuned_grid(cfg: CostConfig, runs: list[dict], method: str, noise: float) -> list[dict]:
+    """``method``'s tuning grid at ``noise`` once its edges are extended: while the selection (on the
+    tuning seeds) sits on an edge of a key extended fewer than ``cfg.extend`` times, that key gains the
+    value past it. Replayed from ``runs``, so it holds settings still to run (the next to run)."""
+    values, tune = _values(cfg, method), list(range(cfg.tune_seeds or cfg.seeds))
+    extended = dict.fromkeys(values, 0)
+    while True:
+        grid = _product(values)
+        best = select(runs, method, noise, grid, tune)
+        if best is None or any(r["n"] < len(tune) for r in best["grid"]):
+            return grid  # settings not run yet on every tuning seed: run them first
+        grow = [k for k in best["at_grid_edge"] if extended[k] < cfg.extend]
+        if not grow:
+            return grid
+        for k in grow:
+            v = best["params"][k]
+            values[k] = tuple(sorted({*values[k], extend_value(k, v, low=v == min(values[k]))}))
+            extended[k] += 1
 
 
 def _key(r: dict) -> tuple:
@@ -149,7 +189,8 @@ def _collect(results, runs: list[dict], total: int, started: float, save, log) -
 
 def _selected(cfg: CostConfig, runs: list[dict]) -> list[dict]:
     tune = list(range(cfg.tune_seeds or cfg.seeds))
-    return [s for m in cfg.methods for p in cfg.noise if (s := select(runs, m, p, settings(cfg, m), tune)) is not None]
+    return [s for m in cfg.methods for p in cfg.noise
+            if (s := select(runs, m, p, tuned_grid(cfg, runs, m, p), tune)) is not None]
 
 
 def _result(cfg: CostConfig, runs: list[dict], timing: dict | None, complete: bool) -> dict[str, Any]:
@@ -161,6 +202,7 @@ def _result(cfg: CostConfig, runs: list[dict], timing: dict | None, complete: bo
                 config=dataclasses.asdict(cfg), task=dataclasses.asdict(cfg.task_for(0.0)),
                 methods={m: METHODS[m] for m in cfg.methods},
                 tuning_grid={m: settings(cfg, m) for m in cfg.methods},
+                tuned_grid={m: {str(p): tuned_grid(cfg, runs, m, p) for p in cfg.noise} for m in cfg.methods},
                 description=" ".join((__doc__.split("\n\n")[2], cost_run.__doc__.split("\n\n")[1])).replace("\n", " "),
                 machine=dict(device="cpu", torch=torch.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
                              threads=1, workers=cfg.workers, nice=os.nice(0), load_average=list(os.getloadavg())),
@@ -186,8 +228,13 @@ def run_cost(cfg: CostConfig, out_dir: str, *, phase: str = "all", resume: bool 
     if phase in ("all", "accuracy"):
         n_tune = cfg.tune_seeds or cfg.seeds
         for noise in sorted(cfg.noise, reverse=True):  # the noisy task first: a cut run still answers the headline
-            first = [(m, noise, s, seed) for seed in range(n_tune) for m in cfg.methods for s in settings(cfg, m)]
-            _execute(cfg, first, runs, save, log)
+            while True:  # the grid, then its extensions past the edges the selections sit on
+                done = {_key(r) for r in runs}
+                tuning = [(m, noise, s, seed) for m in cfg.methods for s in tuned_grid(cfg, runs, m, noise)
+                          for seed in range(n_tune) if (m, noise, setting_key(s), seed) not in done]
+                if not tuning:
+                    break
+                _execute(cfg, tuning, runs, save, log)
             rest = [(sel["method"], noise, sel["params"], seed) for seed in range(n_tune, cfg.seeds)
                     for sel in _selected(cfg, runs) if sel["noise"] == noise]
             _execute(cfg, rest, runs, save, log)
