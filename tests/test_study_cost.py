@@ -121,6 +121,9 @@ def test_cost_config_validation(tmp_path):
         CostConfig(val_size=55)
     with pytest.raises(ValueError, match="CostConfig.alpha"):
         CostConfig(alpha=())
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"CostConfig.extend must be an integer >= 0, got {bad!r}"):
+            CostConfig(extend=bad)
     assert study.main(["--grid", "cost", "--phase", "bogus", "--out", str(tmp_path)]) == 2
 
 
